@@ -25,7 +25,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ._version import __version__
 from .config import LoraConfig
 from .errors import LorakitError
 from .inject import ModulesToSave, Target, adapter_modules, inject_adapter, plan_targets
@@ -62,8 +61,7 @@ def config_to_peft(config: LoraConfig, targets: list[str] | str) -> dict[str, An
     init = config.init
     out["init_lora_weights"] = True if init == "default" else init
     out["target_modules"] = targets
-    out.update(peft_type="LORA", inference_mode=True, use_dora=False, lora_bias=False,
-               revision=None, lorakit_version=__version__)
+    out.update(peft_type="LORA", inference_mode=True, use_dora=False, lora_bias=False, revision=None)
     return dict(sorted(out.items()))
 
 
@@ -169,6 +167,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str, config: L
         raise LorakitError(f"adapter {name!r} has no weights in this model; nothing to save")
     pissa = any(isinstance(m, LoraLayer) and name in m.lora_A and _is_pissa(m, name) for _, m in adapter_modules(model))
     cfg = _saved_config(config, saved_targets(model, name, config), pissa)
+    cfg["fan_in_fan_out"] = any(getattr(m, "fan_in_fan_out", False) for _, m in adapter_modules(model)
+                                if isinstance(m, LoraLayer) and name in m.lora_A)
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n"))
@@ -265,12 +265,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str) -> LoraCo
                 raise LorakitError(f"{folder / WEIGHTS_NAME}: no weights for modules_to_save module {mpath!r} "
                                    f"(expected keys like {PREFIX}{mpath}.weight)")
             saved_full[mpath] = found
-    plain: dict[str, Tensor] = {}
+    plain: list[tuple[Tensor, Tensor]] = []  # (model parameter, saved value)
     for key in list(remaining):
+        # Trained biases, or a base weight PEFT saved alongside (save_embedding_layers). A
+        # '.base_layer.' key names a parameter of a module that is wrapped only after injection.
         pname = key[len(PREFIX):]
-        if pname in params:  # trained biases, or a base weight PEFT saved alongside (save_embedding_layers)
-            _check_shape(folder, key, remaining[key], params[pname])
-            plain[pname] = remaining.pop(key)
+        param = params.get(pname, params.get(pname.replace(".base_layer.", ".", 1)))
+        if param is not None:
+            _check_shape(folder, key, remaining[key], param)
+            plain.append((param, remaining.pop(key)))
     if remaining:
         sample = ", ".join(sorted(remaining)[:3])
         raise LorakitError(f"{folder / WEIGHTS_NAME}: {len(remaining)} key(s) match no module of this model "
@@ -287,8 +290,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str) -> LoraCo
             copy_params = dict(modules[mpath].modules_to_save[name].named_parameters())
             for pname, tensor in tensors.items():
                 copy_params[pname].copy_(tensor)
-        for pname, tensor in plain.items():
-            params[pname].copy_(tensor)
+        for param, tensor in plain:
+            param.copy_(tensor)
     return config
 
 

@@ -60,8 +60,8 @@ class LoraConfig:
     """A/B init: default (kaiming A, zero B: no-op at start) | gaussian | pissa | pissa_niter_<N>."""
     fan_in_fan_out: bool = False
     """Base weights stored (in, out), as GPT-2's Conv1D; set automatically for Conv1D."""
-    task_type: str = "CAUSAL_LM"
-    """PEFT task type written to adapter_config.json."""
+    task_type: Union[str, None] = None
+    """PEFT task type written to adapter_config.json; None: CAUSAL_LM for language models, else unset."""
     base_model_name_or_path: Union[str, None] = None
     """Where the base model came from (written to adapter_config.json)."""
 

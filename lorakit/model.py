@@ -41,6 +41,8 @@ class LoraModel(nn.Module):
             raise LorakitError(f"adapter {name!r} already exists; pick another name or delete_adapter({name!r})")
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
+        if config.task_type is None and callable(getattr(self.model, "prepare_inputs_for_generation", None)):
+            config.task_type = "CAUSAL_LM"
         inject_adapter(self.model, config, name)
         self.configs[name] = config
         if activate:

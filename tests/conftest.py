@@ -1,0 +1,100 @@
+"""Tiny models built from configs (no hub): Llama-like, GPT-2, BLOOM-like, a Conv2d net."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+warnings.filterwarnings("ignore", message=".*(bos|eos|pad)_token_id.*")
+logging.getLogger("transformers").setLevel(logging.ERROR)
+torch.set_num_threads(2)
+
+VOCAB = 96
+
+
+def tiny_llama(tie: bool = False, seed: int = 0) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                     bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bloom(seed: int = 0) -> nn.Module:
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)
+    return BloomForCausalLM(cfg).eval()
+
+
+class TinyConvNet(nn.Module):
+    """A small CNN: two 3×3 convs, a 1×1 conv and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(16, 16, 1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = torch.relu(self.conv3(x))
+        return self.head(x.mean((2, 3)))
+
+
+def tiny_convnet(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return TinyConvNet().eval()
+
+
+def randomize_adapters(model: nn.Module, seed: int = 1, std: float = 0.1) -> None:
+    """Give every trainable tensor random values so adapters have a visible effect."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def snapshot(model: nn.Module) -> tuple[dict, dict]:
+    """State (tensors cloned) and module types, to prove a failed call changed nothing."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    types = {n: type(m) for n, m in model.named_modules()}
+    return state, types
+
+
+def assert_unchanged(model: nn.Module, snap: tuple[dict, dict]) -> None:
+    state, types = snap
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(now[k], v), k
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    return torch.randint(3, VOCAB, (3, 12), generator=torch.Generator().manual_seed(7))
+
+
+__all__ = ["tiny_llama", "tiny_gpt2", "tiny_bloom", "tiny_convnet", "randomize_adapters", "snapshot",
+           "assert_unchanged", "copy", "VOCAB"]
