@@ -36,7 +36,65 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from .config import SECTIONS, _field_docs
+
+    p.add_argument("--config", metavar="FILE", help="YAML run config (sections model, data, lora, train); flags override it")
+    p.add_argument("--model", dest="alias_model", metavar="M", help="= --model.name")
+    p.add_argument("--data", dest="alias_data", nargs="+", metavar="FILE", help="= --data.path")
+    p.add_argument("--out", dest="alias_out", metavar="DIR", help="= --train.out_dir")
+    p.add_argument("--resume", dest="alias_resume", nargs="?", const="latest", metavar="CKPT", help="= --train.resume (default: latest)")
+    p.add_argument("--overwrite", dest="alias_overwrite", action="store_true", help="= --train.overwrite true")
+    for section, cls in SECTIONS.items():
+        group = p.add_argument_group(f"{section} ({cls.__doc__.strip().splitlines()[0]})")
+        for name, doc in _field_docs(cls).items():
+            group.add_argument(f"--{section}.{name}", dest=f"{section}.{name}", metavar="V", help=doc)
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict:
+    """Nested {section: {key: value}} from the flags that were given, values typed by their field."""
+    from .config import SECTIONS, coerce_value
+
+    out: dict = {}
+    for dest, raw in vars(args).items():
+        if raw is None or "." not in dest:
+            continue
+        section, key = dest.split(".", 1)
+        out.setdefault(section, {})[key] = coerce_value(SECTIONS[section], key, raw)
+    aliases = {"alias_model": ("model", "name"), "alias_data": ("data", "path"), "alias_out": ("train", "out_dir"),
+               "alias_resume": ("train", "resume")}
+    for dest, (section, key) in aliases.items():
+        if getattr(args, dest, None) is not None:
+            out.setdefault(section, {})[key] = getattr(args, dest)
+    if getattr(args, "alias_overwrite", False):
+        out.setdefault("train", {})["overwrite"] = True
+    return out
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_yaml, merge_nested, run_config_from_dict
+    from .data.demo import DEMO_OVERRIDES
+    from .report import print_train_summary
+    from .train import train
+
+    file_cfg = load_yaml(args.config) if args.config else {}
+    flags = _flag_overrides(args)
+    layers: dict = {}
+    uses_demo = "path" not in flags.get("data", {}) and "path" not in (file_cfg.get("data") or {})
+    if uses_demo:
+        layers = merge_nested(layers, DEMO_OVERRIDES)
+    layers = merge_nested(merge_nested(layers, file_cfg), flags)
+    cfg = run_config_from_dict(layers, args.config or "flags")
+    if uses_demo:
+        print("no --data given: training on the built-in demo task (date normalisation + identity)")
+    result = train(cfg)
+    print_train_summary(result, cfg)
+    return 130 if result.interrupted else 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "train": ("Fine-tune a LoRA adapter (no arguments: SmolLM2-135M-Instruct on the built-in demo task).",
+              _add_train_args, _cmd_train),
     "info": ("Show an adapter folder's config and size (PEFT format).",
              lambda p: p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)"),
              _cmd_info),

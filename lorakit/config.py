@@ -10,7 +10,8 @@ from typing import Any, Union
 
 from .errors import LorakitError
 
-__all__ = ["LoraConfig", "from_dict", "BIAS_CHOICES"]
+__all__ = ["LoraConfig", "ModelConfig", "DataConfig", "TrainConfig", "RunConfig", "from_dict", "run_config_from_dict",
+           "load_yaml", "dump_yaml", "merge_nested", "SECTIONS", "BIAS_CHOICES"]
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 
@@ -134,3 +135,228 @@ def default_of(cls: type, name: str) -> Any:
             if f.default_factory is not MISSING:  # type: ignore[misc]
                 return f.default_factory()  # type: ignore[misc]
     raise KeyError(name)
+
+
+@dataclass
+class ModelConfig:
+    """The base model."""
+
+    name: str = "smollm2-135m"
+    """Base model: a local folder, a .gguf file, a hub id, or the embedded 'smollm2-135m'."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N | mps."""
+    dtype: str = "auto"
+    """Weights dtype: auto (bf16 on CUDA that supports it, fp32 elsewhere) | float32 | bfloat16 | float16."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub (off unless you trust the repository)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise LorakitError(f"model.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+@dataclass
+class DataConfig:
+    """Training data and how it becomes token rows."""
+
+    path: Union[list[str], str, None] = None
+    """Data file(s) or folder(s): .json, .jsonl, .csv, .parquet. None: the built-in demo task."""
+    format: str = "auto"
+    """auto | alpaca | sharegpt | messages | text."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Map our field names to the file's, e.g. {instruction: question, output: answer}."""
+    template: str = "auto"
+    """auto (the tokenizer's chat template, else chatml) | tokenizer | chatml | human-assistant."""
+    max_len: int = 1024
+    """Longest example in tokens (and the packed row length)."""
+    truncation: str = "truncate"
+    """Examples longer than max_len: truncate | drop."""
+    train_on_prompt: bool = False
+    """Train on prompt tokens too (default: assistant turns and their end-of-turn token only)."""
+    packing: bool = True
+    """Pack several examples per row (no attention across them); False: padded, length-grouped batches."""
+    val_size: float = 0.05
+    """Validation split: a fraction (< 1) or a number of examples (>= 1); 0 for none."""
+    eval_path: Union[list[str], str, None] = None
+    """Separate validation file(s); replaces val_size."""
+    cache: bool = True
+    """Cache tokenized data (keyed by data, tokenizer, template and max_len)."""
+
+    def __post_init__(self) -> None:
+        if self.max_len < 8:
+            raise LorakitError(f"data.max_len must be at least 8 tokens, got {self.max_len}")
+        if self.truncation not in ("truncate", "drop"):
+            raise LorakitError(f"data.truncation must be truncate or drop, got {self.truncation!r}")
+        if self.val_size < 0:
+            raise LorakitError(f"data.val_size must be >= 0, got {self.val_size}")
+        if isinstance(self.path, str):
+            self.path = [self.path]
+        if isinstance(self.eval_path, str):
+            self.eval_path = [self.eval_path]
+
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop, evaluation, checkpoints and logging."""
+
+    out_dir: str = "runs/lorakit"
+    """Run folder: adapter/, checkpoints/, metrics.jsonl, loss.png, config.yaml."""
+    lr: float = 2e-4
+    """Peak learning rate (AdamW)."""
+    lora_plus_ratio: float = 0.0
+    """LoRA+: learning rate of B = ratio × lr (0: off; 16 is the paper's choice)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on A/B (the seeds' L2 regularisation)."""
+    batch_size: int = 4
+    """Rows per micro-batch (packed rows hold several examples)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    epochs: float = 1.0
+    """Passes over the data (ignored when max_steps > 0)."""
+    max_steps: int = 0
+    """Optimizer steps to run (0: from epochs)."""
+    warmup: float = 0.03
+    """Warm-up: a fraction of the steps (< 1) or a number of steps (>= 1)."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after warm-up: constant | linear | cosine."""
+    clip: float = 1.0
+    """Gradient-norm clipping (0: off)."""
+    seed: int = 42
+    """Seed for init, data order and dropout."""
+    grad_checkpointing: bool = False
+    """Recompute activations in backward (less memory, ~30% slower)."""
+    precision: str = "auto"
+    """auto (bf16 autocast on CUDA that supports it, fp32 on CPU) | fp32 | bf16 | fp16."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: only before and after training)."""
+    eval_samples: int = 64
+    """Held-out examples scored by generation (exact match) where the data has a scorer."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end and on interrupt)."""
+    keep_last: int = 2
+    """Checkpoints kept."""
+    log_every: int = 5
+    """Write metrics (and refresh the loss plot) every N steps."""
+    plot: bool = True
+    """Write loss.png (train and eval loss) into the run folder."""
+    tensorboard: bool = False
+    """Also log to TensorBoard (needs the tensorboard package)."""
+    threads: int = 0
+    """CPU threads for torch (0: the number of physical cores)."""
+    overwrite: bool = False
+    """Reuse an existing out_dir (its old files are replaced)."""
+    resume: Union[str, None] = None
+    """Resume from 'latest' or a checkpoint folder."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise LorakitError(f"train.lr must be positive, got {self.lr}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise LorakitError("train.batch_size and train.grad_accum must be at least 1")
+        if self.schedule not in SCHEDULES:
+            raise LorakitError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise LorakitError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.max_steps < 0 or self.epochs <= 0 and self.max_steps == 0:
+            raise LorakitError("set train.max_steps > 0 or train.epochs > 0")
+        if self.keep_last < 1:
+            raise LorakitError(f"train.keep_last must be at least 1, got {self.keep_last}")
+
+
+@dataclass
+class RunConfig:
+    """Everything one `lorakit train` run needs; saved as config.yaml in the run folder."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=16, alpha=32, target_modules="all-linear"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "train": TrainConfig}
+
+
+def run_config_from_dict(data: dict[str, Any], where: str = "config") -> RunConfig:
+    """RunConfig from nested {section: {key: value}}; unknown sections/keys name the closest."""
+    if not isinstance(data, dict):
+        raise LorakitError(f"{where}: expected a mapping with sections {', '.join(SECTIONS)}")
+    parts = {}
+    for section, value in data.items():
+        if section not in SECTIONS:
+            close = difflib.get_close_matches(section, list(SECTIONS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; sections: {', '.join(SECTIONS)}"
+            raise LorakitError(f"{where}: unknown section {section!r}{hint}")
+        base = asdict(RunConfig())[section]
+        base.update(value or {})
+        parts[section] = from_dict(SECTIONS[section], base, f"{where}: {section}")
+    return RunConfig(**parts)
+
+
+def merge_nested(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge_nested(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k in SECTIONS else v
+    return out
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise LorakitError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise LorakitError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise LorakitError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
+    return data
+
+
+def coerce_value(cls: type, key: str, raw: Any) -> Any:
+    """A command-line string as the type of field ``key`` of ``cls`` (lists/dicts as YAML)."""
+    import typing
+
+    import yaml
+
+    hints = typing.get_type_hints(cls)
+    if key not in hints:
+        close = difflib.get_close_matches(key, list(hints), n=1)
+        raise LorakitError(f"unknown option {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    if not isinstance(raw, str):
+        return raw
+    kind = hints[key]
+    try:
+        if kind is bool:
+            low = raw.lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return low in ("true", "1", "yes")
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if kind is str:
+            return raw
+        value = yaml.safe_load(raw)
+        if value is None and raw.lower() in ("none", "null", "~", ""):
+            return None
+        return value
+    except (ValueError, yaml.YAMLError):
+        name = getattr(kind, "__name__", str(kind))
+        raise LorakitError(f"{cls.__name__.lower().replace('config', '')}.{key}: cannot read {raw!r} as {name}") from None
+
+
+def dump_yaml(config: RunConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

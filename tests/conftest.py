@@ -98,3 +98,51 @@ def ids() -> torch.Tensor:
 
 __all__ = ["tiny_llama", "tiny_gpt2", "tiny_bloom", "tiny_convnet", "randomize_adapters", "snapshot",
            "assert_unchanged", "copy", "VOCAB"]
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tokenizer():
+    """A small byte-level BPE tokenizer trained on a generated corpus, with a ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["date", "convert", "normalize", "who", "are", "you", "answer", "the", "a", "is", "of", "to", "format",
+             "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+             "November", "December", "hello", "world", "assistant", "user", "system", "Kit", "lorakit", "I", "am"]
+    corpus = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) + f" {i} {2000 + i % 50}-{i % 12 + 1:02d}"
+              for i in range(400)]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=special,
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token="<|im_start|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A local transformers folder: a tiny Llama + the generated tokenizer (what `--model DIR` reads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Tokenized-data and model caches go to a per-test folder."""
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "lorakit-cache"))

