@@ -75,6 +75,8 @@ def save_checkpoint(out_dir: Path, progress: Progress, write_adapter, trainer_st
     """Write a checkpoint atomically and prune old ones; ``write_adapter(folder)`` saves the adapter."""
     final = checkpoint_dir(out_dir, progress.step)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{_PREFIX}*.tmp"):  # left by a run killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         write_adapter(tmp / "adapter")

@@ -45,10 +45,16 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", dest="alias_out", metavar="DIR", help="= --train.out_dir")
     p.add_argument("--resume", dest="alias_resume", nargs="?", const="latest", metavar="CKPT", help="= --train.resume (default: latest)")
     p.add_argument("--overwrite", dest="alias_overwrite", action="store_true", help="= --train.overwrite true")
+    from .config import RunConfig
+
+    defaults = RunConfig().to_dict()
     for section, cls in SECTIONS.items():
         group = p.add_argument_group(f"{section} ({cls.__doc__.strip().splitlines()[0]})")
         for name, doc in _field_docs(cls).items():
-            group.add_argument(f"--{section}.{name}", dest=f"{section}.{name}", metavar="V", help=doc)
+            default = defaults[section][name]
+            shown = "" if default in (None, {}, []) else f" (default: {default})"
+            group.add_argument(f"--{section}.{name}", dest=f"{section}.{name}", metavar="V",
+                               help=(doc + shown).replace("%", "%%"))
 
 
 def _flag_overrides(args: argparse.Namespace) -> dict:
@@ -105,14 +111,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning toolkit: inject, train, save (PEFT format), merge, combine, serve.")
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command")
+    parser.commands = {}  # type: ignore[attr-defined]
     for name, (help_text, add_args, _) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text))
+        parser.commands[name] = sub.add_parser(name, help=help_text, description=help_text)  # type: ignore[attr-defined]
+        add_args(parser.commands[name])  # type: ignore[attr-defined]
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        import difflib
+
+        owner = parser.commands.get(args.command, parser)  # type: ignore[attr-defined]
+        known = [o for a in owner._actions for o in a.option_strings]
+        flag = next((u for u in unknown if u.startswith("--")), unknown[0])
+        close = difflib.get_close_matches(flag.split("=")[0], known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        prog = f"lorakit {args.command}" if args.command else "lorakit"
+        print(f"{prog}: error: unrecognized argument {flag}{hint}", file=sys.stderr)
+        return 2
     if args.command is None:
         parser.print_help()
         return 0

@@ -143,6 +143,25 @@ def _local_folder(source: ModelSource) -> str:
     return source.path
 
 
+_REACHABLE: set[str] = set()
+
+
+def _hub_preflight(repo_id: str) -> None:
+    """One quick metadata request, so an offline machine or a wrong id fails in a second with a
+    clear message instead of after the download client's retries."""
+    if repo_id in _REACHABLE:
+        return
+    import huggingface_hub
+
+    try:
+        huggingface_hub.model_info(repo_id, timeout=10)
+    except Exception as err:  # connection, DNS, 404, gated: all mean "cannot load this id now"
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise LorakitError(f"cannot reach {repo_id!r} on the Hugging Face hub ({first}); check the id and your "
+                           "connection, or pass a local folder / .gguf file") from None
+    _REACHABLE.add(repo_id)
+
+
 def _hub_call(fn, source: ModelSource, **kwargs):
     """Call a from_pretrained for a hub id: the local HF cache first, then the hub with bounded time."""
     try:
@@ -154,6 +173,7 @@ def _hub_call(fn, source: ModelSource, **kwargs):
                            "download it first or pass a local folder / .gguf file")
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+    _hub_preflight(source.path)
     try:
         return fn(source.path, **kwargs)
     except OSError as err:

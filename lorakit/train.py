@@ -162,8 +162,9 @@ def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None
         lm.delete_adapter("default")
         lm.load_adapter(resume_from / "adapter", "default", is_trainable=True)
         optimizer = build_optimizer(lm, t_cfg.lr, t_cfg.weight_decay, t_cfg.lora_plus_ratio)
-        optimizer.load_state_dict(state["optimizer"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t_cfg.schedule, warmup, total_steps))
+        # Optimizer state after the scheduler exists: a new LambdaLR resets the groups' lr to step 0's.
+        optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])

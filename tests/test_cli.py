@@ -33,3 +33,8 @@ def test_readme_quickstart_demo_learns_the_new_task():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "with the adapter: task B accuracy 100.0%; adapter disabled: task A still 100.0%" in out.stdout
     assert "merged model (plain LlamaForCausalLM): task B accuracy 100.0%" in out.stdout
+
+
+def test_unknown_flag_suggests_the_closest():
+    out = _run("-m", "lorakit", "train", "--lora.rr", "4")
+    assert out.returncode == 2 and "unrecognized argument --lora.rr; did you mean --lora.r?" in out.stderr

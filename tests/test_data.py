@@ -102,6 +102,8 @@ BAD = [
     ("fmt.jsonl", '{"text": "a"}\n', dict(format="dolly"), "data.format must be one of"),
     ("none.jsonl", "\n\n", {}, "no records"),
     ("roles.jsonl", '{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}\n', {}, "no assistant turn"),
+    ("drop.jsonl", '{"instruction": "a", "output": "' + "date " * 60 + '"}\n', dict(max_len=16, truncation="drop"),
+     r"no example has a token to train on after templating and truncation \(1 too long"),
     ("long.jsonl", '{"instruction": "' + "date " * 60 + '", "output": "b"}\n', dict(max_len=16), "max_len=16 is shorter than every prompt"),
 ]
 

