@@ -138,8 +138,11 @@ def _convert_gguf(source: ModelSource) -> Path:
 
 
 def _local_folder(source: ModelSource) -> str:
+    """A folder transformers can load without any network access."""
     if source.kind == "gguf":
         return str(_convert_gguf(source))
+    if source.kind == "hub":
+        return _hub_folder(source.path)
     return source.path
 
 
@@ -162,35 +165,34 @@ def _hub_preflight(repo_id: str) -> None:
     _REACHABLE.add(repo_id)
 
 
-def _hub_call(fn, source: ModelSource, **kwargs):
-    """Call a from_pretrained for a hub id: the local HF cache first, then the hub with bounded time."""
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py"]
+
+
+def _hub_folder(repo_id: str) -> str:
+    """The local snapshot folder of a hub model: the cache if it has one (no network at all),
+    else a download of its config, safetensors weights and tokenizer files."""
+    import huggingface_hub
+
     try:
-        return fn(source.path, local_files_only=True, **kwargs)
-    except OSError:
+        return huggingface_hub.snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=True)
+    except Exception:  # not cached (the exact exception type varies between huggingface_hub versions)
         pass
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise LorakitError(f"{source.path!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; "
+        raise LorakitError(f"{repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; "
                            "download it first or pass a local folder / .gguf file")
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
-    _hub_preflight(source.path)
+    _hub_preflight(repo_id)
     try:
-        return fn(source.path, **kwargs)
-    except OSError as err:
-        raise LorakitError(f"could not load {source.path!r} from the Hugging Face hub ({str(err).splitlines()[0]}); "
-                           "check the id and your connection, or pass a local folder / .gguf file") from None
+        return huggingface_hub.snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS)
+    except Exception as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise LorakitError(f"could not download {repo_id!r} from the Hugging Face hub ({first})") from None
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     """The tokenizer of model ``name``, with a pad token (eos when it has none)."""
     from transformers import AutoTokenizer
 
-    source = resolve_source(name)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if source.kind == "hub":
-        tok = _hub_call(AutoTokenizer.from_pretrained, source, **kwargs)
-    else:
-        tok = AutoTokenizer.from_pretrained(_local_folder(source), **kwargs)
+    tok = AutoTokenizer.from_pretrained(_local_folder(resolve_source(name)), trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -207,15 +209,12 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    if source.kind == "hub":
-        model = _hub_call(AutoModelForCausalLM.from_pretrained, source, **kwargs)
-    else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(_local_folder(source), **kwargs)
-        except (OSError, ValueError) as err:
-            raise LorakitError(f"could not load a causal LM from {name!r}: {str(err).splitlines()[0]}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(_local_folder(source), **kwargs)
+    except (OSError, ValueError) as err:
+        raise LorakitError(f"could not load a causal LM from {name!r}: {str(err).splitlines()[0]}") from None
     tokenizer = load_tokenizer(name, trust_remote_code)
     model.to(dev)
-    if name in EMBEDDED_MODELS:
-        model.config._name_or_path = name
+    if source.kind == "hub" or name in EMBEDDED_MODELS:
+        model.config._name_or_path = name  # what adapter_config.json records as the base model
     return model, tokenizer
