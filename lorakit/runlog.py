@@ -31,6 +31,7 @@ class RunLog:
         self.metrics_path = out / "metrics.jsonl"
         self.train_points: list[tuple[int, float]] = []
         self.eval_points: list[tuple[int, float]] = []
+        self.base_metrics: dict[str, float] = {}
         if resumed and self.metrics_path.exists():
             kept = []  # drop lines past the checkpoint we resume from: they will be logged again
             for line in self.metrics_path.read_text().splitlines():
@@ -65,6 +66,8 @@ class RunLog:
             self.train_points.append((rec["step"], rec["loss"]))
         if "eval_loss" in rec:
             self.eval_points.append((rec["step"], rec["eval_loss"]))
+        if rec.get("model") == "base":
+            self.base_metrics = {k: v for k, v in rec.items() if k not in ("step", "model")}
 
     def _write(self, rec: dict[str, Any]) -> None:
         self._remember(rec)

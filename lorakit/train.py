@@ -24,7 +24,7 @@ from .attention import packed_positions, use_packed_attention
 from .checkpoint import Progress, find_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, dump_yaml
 from .data.dataset import prepare_data
-from .data.packing import Batch, make_batches
+from .data.packing import Batch, batch_plan, collate
 from .errors import LorakitError
 from .evaluate import eval_loss, exact_match, generate_answers, perplexity
 from .loss import causal_lm_loss_sum
@@ -79,15 +79,17 @@ def build_optimizer(lm: LoraModel, lr: float, weight_decay: float, lora_plus_rat
 
 
 def _physical_cores() -> int:
+    """Physical cores (hyper-threads share a core's matmul units, so more threads do not help)."""
     try:
-        with open("/proc/cpuinfo") as f:
-            pairs = {(blk.get("physical id"), blk.get("core id")) for blk in
-                     (dict(line.split(":", 1) for line in chunk.splitlines() if ":" in line) for chunk in f.read().split("\n\n"))
-                     if blk}
-        cores = len({(a.strip() if a else a, b.strip() if b else b) for a, b in pairs if b is not None})
-        return cores or (os.cpu_count() or 1)
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return os.cpu_count() or 1
+    cores = set()
+    for block in text.split("\n\n"):
+        info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in block.splitlines() if ":" in line)}
+        if "core id" in info:
+            cores.add((info.get("physical id"), info["core id"]))
+    return len(cores) or os.cpu_count() or 1
 
 
 def _prepare_out_dir(out: Path, overwrite: bool, resume: str | None) -> None:
@@ -149,8 +151,7 @@ def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     echo(lm.trainable_report()[0])
 
-    batches_per_epoch = len(make_batches(prepared.train, cfg.data.max_len, t_cfg.batch_size, cfg.data.packing,
-                                         tok.pad_token_id, t_cfg.seed))
+    batches_per_epoch = len(batch_plan(prepared.train, cfg.data.max_len, t_cfg.batch_size, cfg.data.packing, t_cfg.seed))
     total_steps = t_cfg.max_steps or max(1, math.ceil(t_cfg.epochs * batches_per_epoch / t_cfg.grad_accum))
     warmup = int(t_cfg.warmup * total_steps) if t_cfg.warmup < 1 else int(t_cfg.warmup)
     optimizer = build_optimizer(lm, t_cfg.lr, t_cfg.weight_decay, t_cfg.lora_plus_ratio)
@@ -177,7 +178,7 @@ def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None
     (out / "config.yaml").write_text(config_yaml)
     log = RunLog(out, total_steps, progress.step, show_progress, t_cfg.plot, t_cfg.tensorboard, resumed=resume_from is not None)
 
-    before, base_answers = ({}, [])
+    before, base_answers = (dict(log.base_metrics), [])  # a resumed run reads the base scores from metrics.jsonl
     if resume_from is None:
         before, base_answers = _evaluate(lm, tok, prepared, cfg, device, base=True)
         log.eval(0, before, label="base")
@@ -205,10 +206,9 @@ def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None
         """Every micro-batch of the run in order; resumes skip those already consumed."""
         epoch, i = divmod(progress.micro_batches, batches_per_epoch)
         while True:
-            epoch_batches = make_batches(prepared.train, cfg.data.max_len, t_cfg.batch_size, cfg.data.packing,
-                                         tok.pad_token_id, t_cfg.seed + epoch)
-            for batch in epoch_batches[i:]:
-                yield batch
+            plan = batch_plan(prepared.train, cfg.data.max_len, t_cfg.batch_size, cfg.data.packing, t_cfg.seed + epoch)
+            for item in plan[i:]:
+                yield collate(item, prepared.train, cfg.data.packing, tok.pad_token_id)
             epoch, i = epoch + 1, 0
 
     stream = micro_batches()

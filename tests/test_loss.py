@@ -68,7 +68,7 @@ def test_packed_loss_equals_unpacked_per_example(make):
     m = get_lora_model(make(), LoraConfig(r=4))
     randomize_adapters(m)
     exs = _examples([9, 6, 12, 5])
-    batch = collate_packed([[0, 1], [2, 3]], exs, 32, pad_id=0)
+    batch = collate_packed([[0, 1], [2, 3]], exs, pad_id=0)
     with use_packed_attention(m.model), packed_positions(batch.position_ids):
         packed, n_packed = causal_lm_loss_sum(m.model, batch.input_ids, batch.labels, batch.position_ids)
     alone, n_alone = 0.0, 0

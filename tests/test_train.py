@@ -75,7 +75,6 @@ def _interrupt_at(monkeypatch, step):
 def test_interrupt_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path, monkeypatch, packing):
     data = _data(tmp_path)
     quiet = dict(show_progress=False, echo=lambda s: None)
-    full = train(_cfg(tiny_model_dir, data, tmp_path / "full", max_steps=8, **{}), **quiet)
     cfg = _cfg(tiny_model_dir, data, tmp_path / "cut", max_steps=8)
     cfg.data.packing = packing
     full_cfg = _cfg(tiny_model_dir, data, tmp_path / "full2", max_steps=8)
@@ -89,6 +88,7 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path, mon
     cfg.train.resume = "latest"
     second = train(cfg, **quiet)
     assert second.steps == 8 and not second.interrupted
+    assert second.before["eval_loss"] == pytest.approx(first.before["eval_loss"], abs=1e-5)  # read back from metrics.jsonl
     a = load_file(tmp_path / "full2" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "cut" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()

@@ -16,7 +16,7 @@ import torch
 
 from .templates import Encoded
 
-__all__ = ["Batch", "pack_rows", "padded_rows", "collate_packed", "collate_padded", "make_batches"]
+__all__ = ["Batch", "pack_rows", "padded_rows", "collate_packed", "collate_padded", "batch_plan", "collate", "make_batches"]
 
 
 @dataclass
@@ -62,7 +62,7 @@ def padded_rows(lengths: list[int], batch_size: int, seed: int) -> list[list[int
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def collate_packed(rows: list[list[int]], examples: list[Encoded], max_len: int, pad_id: int) -> Batch:
+def collate_packed(rows: list[list[int]], examples: list[Encoded], pad_id: int) -> Batch:
     B = len(rows)
     T = max(sum(len(examples[i].input_ids) for i in row) for row in rows)  # no all-padding columns
     ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -105,15 +105,26 @@ def collate_padded(group: list[int], examples: list[Encoded], pad_id: int) -> Ba
     return Batch(ids, labels, pos, mask, int(mask.sum()), n_labels)
 
 
-def make_batches(examples: list[Encoded], max_len: int, batch_size: int, packing: bool, pad_id: int,
-                 seed: int) -> list[Batch]:
-    """One epoch of micro-batches in a seed-determined order."""
+def batch_plan(examples: list[Encoded], max_len: int, batch_size: int, packing: bool, seed: int) -> list[list]:
+    """One epoch of micro-batches as example indices, in a seed-determined order: for packing,
+    each item is a list of rows (lists of indices); otherwise a list of indices, one per row."""
     lengths = [len(e.input_ids) for e in examples]
     rng = random.Random(seed)
     if packing:
         rows = pack_rows(lengths, max_len)
         rng.shuffle(rows)
-        return [collate_packed(rows[i:i + batch_size], examples, max_len, pad_id) for i in range(0, len(rows), batch_size)]
+        return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     groups = padded_rows(lengths, batch_size, seed)
     rng.shuffle(groups)
-    return [collate_padded(g, examples, pad_id) for g in groups]
+    return groups
+
+
+def collate(item: list, examples: list[Encoded], packing: bool, pad_id: int) -> Batch:
+    """Tensors for one item of a batch_plan."""
+    return collate_packed(item, examples, pad_id) if packing else collate_padded(item, examples, pad_id)
+
+
+def make_batches(examples: list[Encoded], max_len: int, batch_size: int, packing: bool, pad_id: int,
+                 seed: int) -> list[Batch]:
+    """One epoch of collated micro-batches (small data; the training loop collates lazily)."""
+    return [collate(item, examples, packing, pad_id) for item in batch_plan(examples, max_len, batch_size, packing, seed)]
