@@ -159,9 +159,10 @@ def saved_targets(model: nn.Module, name: str, config: LoraConfig) -> list[str] 
                    if isinstance(m, LoraLayer) and name in m.lora_A})
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, name: str, config: LoraConfig) -> Path:
-    """Write adapter ``name`` to ``path`` (or ``path/name``) atomically; returns the folder."""
-    folder = adapter_dir(path, name)
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str, config: LoraConfig, flat: bool = False) -> Path:
+    """Write adapter ``name`` to ``path`` (or ``path/name`` as PEFT does for names other than
+    'default', unless ``flat``) atomically; returns the folder."""
+    folder = Path(path) if flat else adapter_dir(path, name)
     state = adapter_state_dict(model, name, config)
     if not state:
         raise LorakitError(f"adapter {name!r} has no weights in this model; nothing to save")

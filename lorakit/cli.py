@@ -24,7 +24,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     params = sum(t.numel() for t in state.values())
     print(f"adapter: {args.adapter}")
     print(f"rank r={config.r}  alpha={config.alpha:g}  rslora={config.use_rslora}  dropout={config.dropout:g}")
-    print(f"targets: {config.target_modules}")
+    targets = config.target_modules
+    if isinstance(targets, list) and len(targets) > 8:
+        targets = f"{targets[:8]} ... ({len(targets)} in all)"
+    print(f"targets: {targets}")
     if config.rank_pattern:
         print(f"rank_pattern: {json.dumps(config.rank_pattern)}")
     if config.alpha_pattern:
@@ -107,12 +110,18 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 }
 
 
+def _all_commands() -> dict:
+    from .cli_infer import INFER_COMMANDS
+
+    return {**COMMANDS, **INFER_COMMANDS}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning toolkit: inject, train, save (PEFT format), merge, combine, serve.")
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command")
     parser.commands = {}  # type: ignore[attr-defined]
-    for name, (help_text, add_args, _) in COMMANDS.items():
+    for name, (help_text, add_args, _) in _all_commands().items():
         parser.commands[name] = sub.add_parser(name, help=help_text, description=help_text)  # type: ignore[attr-defined]
         add_args(parser.commands[name])  # type: ignore[attr-defined]
     return parser
@@ -136,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return COMMANDS[args.command][2](args)
+        return _all_commands()[args.command][2](args)
     except LorakitError as err:
         print(f"lorakit {args.command}: error: {err}", file=sys.stderr)
         return 2

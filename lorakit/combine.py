@@ -40,6 +40,15 @@ def _factors_for_new(layer: LoraLayer, A: Tensor, B: Tensor) -> tuple[Tensor, Te
     return A.reshape(a_shape), B.reshape(b_shape)
 
 
+def _covering_targets(model: nn.Module, paths: list[str]) -> list[str]:
+    """Leaf names (e.g. q_proj) when they select exactly ``paths``; else the full paths."""
+    from .inject import _candidate_modules, _matches
+
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    selected = {n for n, _ in _candidate_modules(model) if n and _matches(leaves, n)}
+    return leaves if selected == set(paths) else paths
+
+
 def combine_adapters(model: nn.Module, configs: dict[str, LoraConfig], adapters: Sequence[str],
                      weights: Sequence[float], new_name: str, method: str = "cat",
                      rank: int | None = None) -> LoraConfig:
@@ -90,7 +99,7 @@ def combine_adapters(model: nn.Module, configs: dict[str, LoraConfig], adapters:
     # Every new layer has s = 1 (alpha = r): the weights and scalings are inside the factors.
     ranks = {p: a.shape[0] for p, (a, _) in new.items()}
     first = configs[adapters[0]]
-    targets = sorted(ranks)  # full module paths: exactly the layers that got weights
+    targets = _covering_targets(model, sorted(ranks))
     config = pattern_config(first, ranks, {p: float(r) for p, r in ranks.items()}, targets)
     config = LoraConfig(**{**config.to_dict(), "dropout": 0.0, "modules_to_save": None, "bias": "none"})
     modules = dict(model.named_modules())

@@ -15,7 +15,7 @@ from .errors import LorakitError
 from .inject import ModulesToSave, _set_module, adapter_modules, lora_layers
 from .lora import LoraLayer
 
-__all__ = ["merge_adapters", "unmerge_adapters", "unload", "merge_and_unload", "save_merged"]
+__all__ = ["merge_adapters", "unmerge_adapters", "unload", "merge_and_unload", "save_merged", "check_new_folder"]
 
 
 def _shared_weight(model: nn.Module, layer: LoraLayer) -> bool:
@@ -98,6 +98,14 @@ def merge_and_unload(model: nn.Module, names: Sequence[str] | None = None, safe:
     return unload(model)
 
 
+def check_new_folder(path: str | os.PathLike) -> Path:
+    """A folder to create: refuse one that exists with files in it (before any work is done)."""
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LorakitError(f"{out} exists and is not empty; choose a new folder or remove it")
+    return out
+
+
 def save_merged(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, max_shard_size: str = "2GB") -> Path:
     """``save_pretrained`` a plain (already unloaded) model into ``out_dir`` via a temp folder + rename."""
     import shutil
@@ -105,9 +113,7 @@ def save_merged(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, ma
 
     if any(True for _ in adapter_modules(model)):
         raise LorakitError("the model still holds adapter wrappers; call merge_and_unload() first")
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise LorakitError(f"{out} exists and is not empty; choose a new folder or remove it")
+    out = check_new_folder(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:

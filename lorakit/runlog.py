@@ -32,6 +32,7 @@ class RunLog:
         self.train_points: list[tuple[int, float]] = []
         self.eval_points: list[tuple[int, float]] = []
         self.base_metrics: dict[str, float] = {}
+        self._losses: list[float] = []  # train losses since the last written line
         if resumed and self.metrics_path.exists():
             kept = []  # drop lines past the checkpoint we resume from: they will be logged again
             for line in self.metrics_path.read_text().splitlines():
@@ -82,8 +83,11 @@ class RunLog:
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+        self._losses.append(loss)
         if write:
-            self._write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+            mean = sum(self._losses) / len(self._losses)  # the interval's mean: smoother than one step's loss
+            self._losses = []
+            self._write({"step": step, "loss": mean, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                          "tokens_per_s": round(tokens_per_s, 1)})
             if self.plot:
                 plot_losses(self.out / "loss.png", self.train_points, self.eval_points)

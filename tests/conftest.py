@@ -146,3 +146,21 @@ def tiny_model_dir(tmp_path_factory):
 def _isolated_cache(tmp_path, monkeypatch):
     """Tokenized-data and model caches go to a per-test folder."""
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "lorakit-cache"))
+
+
+@pytest.fixture(scope="session")
+def two_adapters(tiny_model_dir, tmp_path_factory):
+    """Two adapters on the tiny model whose greedy outputs differ from each other and the base."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import LoraConfig, get_lora_model
+
+    folder = tmp_path_factory.mktemp("adapters")
+    paths = {}
+    for i, name in enumerate(["alpha", "beta"]):
+        lm = get_lora_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                            LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+        randomize_adapters(lm, seed=10 + i, std=0.6)
+        lm.save_pretrained(folder / name)
+        paths[name] = folder / name
+    return paths
