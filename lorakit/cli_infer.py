@@ -264,7 +264,38 @@ def _cmd_combine(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- serve ---------------------------------------------------------------------------------
+
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    from .serve import ServeSettings
+
+    d = ServeSettings()
+    _model_args(p)
+    p.add_argument("--template", default="auto", help="auto | tokenizer | chatml | human-assistant")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    p.add_argument("--adapters-dir", default=None, help="folder whose sub-folders POST /v1/adapters may load")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="requests generated together")
+    p.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit, help="largest max_tokens accepted")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .serve import ServeSettings, create_app
+
+    engine = _engine(args)
+    settings = ServeSettings(api_key=args.api_key, adapters_dir=args.adapters_dir, max_batch=args.max_batch,
+                             max_tokens_limit=args.max_tokens_limit)
+    app = create_app(engine, settings)
+    print(f"serving {engine.base_name} with adapters {engine.adapters or 'none'} on http://{args.host}:{args.port}/v1")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 INFER_COMMANDS = {
+    "serve": ("OpenAI-compatible HTTP server; each request's 'model' picks an adapter.", _add_serve, _cmd_serve),
     "generate": ("Answer a prompt (or a JSONL file of prompts) with the base model or an adapter.", _add_generate, _cmd_generate),
     "chat": ("Chat in the terminal (streams tokens; /adapter switches adapters); one-shot from a pipe.", _add_chat, _cmd_chat),
     "merge": ("Merge an adapter into its base and write a plain transformers model folder.", _add_merge, _cmd_merge),
