@@ -322,6 +322,7 @@ def mixed_batch(model: nn.Module, row_adapters: Sequence[str | None], known: Seq
     finally:
         for m in modules:
             m.row_adapters = None
+            m.__dict__.pop("_routing_cache", None)  # stacked adapters of this batch (inference path)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

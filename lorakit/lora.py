@@ -220,6 +220,43 @@ class LoraLinear(LoraLayer):
         out = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), B.t(), alpha=self.scaling[name])
         return out.view(result.shape)
 
+    def _mixed_forward(self, x: Tensor, result: Tensor) -> Tensor:
+        if torch.is_grad_enabled() or self.training:
+            return super()._mixed_forward(x, result)
+        # Inference: every adapter's A stacked into one matrix, each row masked to its own slice —
+        # two matmuls per layer instead of a gather/matmul/scatter per adapter.
+        routing = self._routing()
+        if routing is None:
+            return result  # no row uses an adapter that targets this layer
+        A_cat, B_cat, mask = routing  # (S·r, in), (out, S·r), (B, S·r)
+        h = F.linear(x.to(A_cat.dtype), A_cat)  # (B, ..., S·r)
+        h = h * mask.view(mask.shape[0], *([1] * (h.dim() - 2)), mask.shape[1])
+        return result.add_(F.linear(h, B_cat).to(result.dtype))
+
+    def _routing(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        rows = self.row_adapters
+        cached = getattr(self, "_routing_cache", None)
+        if cached is not None and cached[0] is rows:
+            return cached[1]
+        names = [n for n in dict.fromkeys(rows) if n is not None and n in self.lora_A]
+        routing = None
+        if names:
+            r = max(self.r[n] for n in names)
+            ref = self.lora_A[names[0]]
+            A_cat = ref.new_zeros(len(names) * r, self.in_features)
+            B_cat = ref.new_zeros(self.out_features, len(names) * r)
+            mask = ref.new_zeros(len(rows), len(names) * r)
+            for k, n in enumerate(names):
+                A_cat[k * r:k * r + self.r[n]] = self.lora_A[n]
+                B_cat[:, k * r:k * r + self.r[n]] = self.lora_B[n] * self.scaling[n]  # scaling folded in
+            for i, n in enumerate(rows):
+                if n in names:
+                    k = names.index(n)
+                    mask[i, k * r:(k + 1) * r] = 1.0
+            routing = (A_cat, B_cat, mask)
+        self._routing_cache = (rows, routing)
+        return routing
+
     def delta_weight(self, name: str) -> Tensor:
         A, B = self._factors(name)
         delta = (B @ A) * self.scaling[name]  # (out, in)

@@ -175,3 +175,19 @@ def test_bad_adapter_names_and_duplicates_change_nothing():
     with pytest.raises(LorakitError, match="unknown adapters"):
         m(torch.zeros(1, 3, dtype=torch.long), adapter_names=["zzz"])
     assert_unchanged(m, snap)
+
+
+def test_mixed_batch_with_gradients_uses_the_grouped_path(ids):
+    m = get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear"), "a")
+    m.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"]))
+    m.set_adapter(["a", "b"])
+    randomize_adapters(m, 4)
+    rows = ["b", "a", None]
+    with torch.no_grad():
+        stacked = m(ids, adapter_names=rows).logits  # inference: stacked adapters, masked rows
+    grouped = m(ids, adapter_names=rows).logits  # autograd on: per-adapter row groups
+    torch.testing.assert_close(grouped.detach(), stacked, atol=1e-5, rtol=1e-5)
+    grouped[1].sum().backward()  # row 1 uses adapter a only
+    assert m.model.model.layers[0].self_attn.q_proj.lora_B["a"].grad.abs().sum() > 0
+    assert m.model.model.layers[0].self_attn.q_proj.lora_B["b"].grad is None or \
+        m.model.model.layers[0].self_attn.q_proj.lora_B["b"].grad.abs().sum() == 0
