@@ -111,9 +111,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 
 
 def _all_commands() -> dict:
+    from .cli_data import DATA_COMMAND
     from .cli_infer import INFER_COMMANDS
 
-    return {**COMMANDS, **INFER_COMMANDS}
+    return {**COMMANDS, **INFER_COMMANDS, **DATA_COMMAND}
 
 
 def build_parser() -> argparse.ArgumentParser:
