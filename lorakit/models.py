@@ -130,7 +130,10 @@ def _convert_gguf(source: ModelSource) -> Path:
         model.config._name_or_path = str(Path(source.path) / str(source.gguf_file))
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, dest)
+        if (dest / "config.json").is_file():  # another process converted it meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

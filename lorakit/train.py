@@ -132,6 +132,10 @@ def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None
     t_begin = time.perf_counter()
     _prepare_out_dir(out, t_cfg.overwrite, t_cfg.resume)
     resume_from = find_checkpoint(out, t_cfg.resume) if t_cfg.resume else None
+    if resume_from is not None and cfg.lora.init.startswith("pissa"):
+        # Checkpoints hold PiSSA adapters converted for the original weights (rank 2r), which the
+        # optimizer state (rank r, on the residual weights) does not match.
+        raise LorakitError("resuming a run with lora.init=pissa is not supported; restart it, or use init=default")
     torch.set_num_threads(t_cfg.threads or _physical_cores())
     random.seed(t_cfg.seed)
     torch.manual_seed(t_cfg.seed)
@@ -226,11 +230,12 @@ def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None
             with use_packed_attention(model) if cfg.data.packing else contextlib.nullcontext():
                 for batch in group:
                     batch = batch.to(device)
-                    with autocast, packed_positions(batch.position_ids):
-                        loss_sum, _ = causal_lm_loss_sum(model, batch.input_ids, batch.labels, batch.position_ids,
-                                                         batch.attention_mask)
-                    loss = loss_sum / n_labels
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                    with packed_positions(batch.position_ids):  # backward too: checkpointing recomputes attention
+                        with autocast:
+                            loss_sum, _ = causal_lm_loss_sum(model, batch.input_ids, batch.labels, batch.position_ids,
+                                                             batch.attention_mask)
+                        loss = loss_sum / n_labels
+                        (scaler.scale(loss) if scaler is not None else loss).backward()
                     step_loss += loss.item()
                     progress.micro_batches += 1
                     progress.tokens += batch.n_tokens

@@ -184,3 +184,29 @@ def test_cli_train_flags_and_errors(tiny_model_dir, tmp_path):
     assert again.returncode == 2 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
     bad = subprocess.run(base + ["--lora.r", "many"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert bad.returncode == 2 and "lora.r: cannot read 'many' as int" in bad.stderr
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(tiny_model_dir, tmp_path):
+    data = _data(tmp_path)
+    quiet = dict(show_progress=False, echo=lambda s: None)
+    plain = _cfg(tiny_model_dir, data, tmp_path / "plain", max_steps=3)
+    ckpt = _cfg(tiny_model_dir, data, tmp_path / "ckpt", max_steps=3, grad_checkpointing=True)
+    for c in (plain, ckpt):
+        c.lora.dropout = 0.0  # recomputation would draw new dropout masks
+    train(plain, **quiet)
+    train(ckpt, **quiet)
+    a = load_file(tmp_path / "plain" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "ckpt" / "adapter" / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_resuming_a_pissa_run_is_refused_clearly(tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, _data(tmp_path), tmp_path / "run", max_steps=2)
+    cfg.lora.init = "pissa"
+    train(cfg, show_progress=False, echo=lambda s: None)
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    cfg.train.resume = "latest"
+    with pytest.raises(LorakitError, match="lora.init=pissa is not supported"):
+        train(cfg, show_progress=False, echo=lambda s: None)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
