@@ -11,6 +11,7 @@ from torch import nn
 from .attention import packed_positions, use_packed_attention
 from .data.packing import make_batches
 from .data.templates import Encoded, generation_prompt
+from .generation import Request, Sampling, generate_batch
 from .loss import causal_lm_loss_sum
 
 __all__ = ["eval_loss", "generate_answers", "exact_match"]
@@ -35,27 +36,18 @@ def eval_loss(model: nn.Module, examples: list[Encoded], max_len: int, batch_siz
     return total / max(count, 1)
 
 
-@torch.no_grad()
 def generate_answers(model: nn.Module, tokenizer: Any, chats: list[list[dict]], template: str,
-                     max_new_tokens: int = 64, batch_size: int = 16, device: torch.device | None = None) -> list[str]:
-    """Greedy answers to each conversation's last user turn (left-padded batches)."""
+                     max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
+    """Greedy answers to each conversation's last user turn (lorakit's decode loop, in batches)."""
     was_training = model.training
     model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    answers: list[str] = []
     try:
+        answers: list[str] = []
         for i in range(0, len(chats), batch_size):
-            prompts = [generation_prompt(c, template, tokenizer) for c in chats[i:i + batch_size]]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-            if device is not None:
-                enc = enc.to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            for row in out[:, enc["input_ids"].shape[1]:]:
-                answers.append(tokenizer.decode(row, skip_special_tokens=True))
+            requests = [Request(tokenizer(generation_prompt(c, template, tokenizer), add_special_tokens=False)["input_ids"],
+                                None, Sampling(max_new_tokens=max_new_tokens)) for c in chats[i:i + batch_size]]
+            answers += [out.text for out in generate_batch(model, tokenizer, requests)]
     finally:
-        tokenizer.padding_side = side
         model.train(was_training)
     return answers
 

@@ -122,7 +122,7 @@ def _evaluate(lm: LoraModel, tok, prepared, cfg: RunConfig, device, base: bool) 
             refs = [r for _, r in chats]
             longest = max(len(tok(r, add_special_tokens=False)["input_ids"]) for r in refs)
             answers = generate_answers(lm.model, tok, [c for c, _ in chats], prepared.template,
-                                       max_new_tokens=longest + 8, device=device)
+                                       max_new_tokens=longest + 8)
             out["exact_match"] = exact_match(answers, refs, prepared.scorer)
     return out, answers
 
