@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
+import torch
 from torch import nn
 
 from .config import LoraConfig
@@ -92,8 +93,6 @@ class ModulesToSave(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def _mixed_forward(self, x, *args, **kwargs):
-        import torch
-
         rows = self.row_adapters
         result = self.original_module(x, *args, **kwargs)
         for name in dict.fromkeys(r for r in rows if r is not None and r in self.modules_to_save):

@@ -193,9 +193,13 @@ def _hub_folder(repo_id: str) -> str:
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     """The tokenizer of model ``name``, with a pad token (eos when it has none)."""
+    return _tokenizer_from(_local_folder(resolve_source(name)), trust_remote_code)
+
+
+def _tokenizer_from(folder: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(_local_folder(resolve_source(name)), trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -212,11 +216,12 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    folder = _local_folder(source)  # resolved once: a hub id is looked up in the cache a single time
     try:
-        model = AutoModelForCausalLM.from_pretrained(_local_folder(source), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as err:
         raise LorakitError(f"could not load a causal LM from {name!r}: {str(err).splitlines()[0]}") from None
-    tokenizer = load_tokenizer(name, trust_remote_code)
+    tokenizer = _tokenizer_from(folder, trust_remote_code)
     model.to(dev)
     if source.kind == "hub" or name in EMBEDDED_MODELS:
         model.config._name_or_path = name  # what adapter_config.json records as the base model
