@@ -3,9 +3,11 @@
     .venv/bin/python bench/estimate_validation.py
 
 Each configuration runs in its own process: baseline RSS after imports, then the model is built
-(loaded for SmolLM2), wrapped, and two optimizer steps run on batch × seq tokens (all labels);
-measured = peak RSS − baseline. The estimate comes from lorakit.estimate with the same settings
-(framework overhead excluded: the baseline already holds it).
+(loaded for SmolLM2; quantized for QLoRA), wrapped, and the peak-RSS mark is reset
+(/proc/self/clear_refs), so loading's transient copies do not count; then two optimizer steps run
+on batch × seq tokens (all labels); measured = peak RSS of the steps − baseline. The estimate
+comes from lorakit.estimate with the same settings (framework overhead excluded: the baseline
+already holds it).
 """
 
 from __future__ import annotations
@@ -24,13 +26,19 @@ CONFIGS = [
     ("smollm2 lora b1 s1024", "smollm2-135m", "lora", 16, 1, 1024, False),
     ("smollm2 lora b2 s1024 ckpt", "smollm2-135m", "lora", 16, 2, 1024, True),
     ("smollm2 full b1 s256", "smollm2-135m", "full", 0, 1, 256, False),
+    ("smollm2 qlora b2 s512", "smollm2-135m", "qlora", 16, 2, 512, False),
 ]
 
 WORKER = r"""
-import json, resource, sys
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+import ctypes, json, sys
+if sys.argv[2] == "live":
+    # glibc otherwise keeps freed activation memory in its heap, so RSS would measure the allocator's
+    # retention too; a fixed 64 KiB mmap threshold returns every freed tensor at once and RSS then
+    # follows the live tensors (the CPU analogue of torch.cuda.max_memory_allocated).
+    ctypes.CDLL("libc.so.6").mallopt(-3, 65536)
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
 import torch, transformers
 from lorakit import LoraConfig, get_lora_model
 from lorakit.loss import causal_lm_loss_sum
@@ -45,27 +53,32 @@ else:
     cfg = load_model_config(name)
 shape = shape_from_config(cfg)
 est = estimate_memory(shape, method, max(r, 1), "all-linear", batch, seq, ckpt, "fp32", "adamw")
-base = rss()
+base = status("VmRSS")
 if name == "mid":
     model = transformers.LlamaForCausalLM(cfg)
 else:
     from lorakit.models import load_model
-    model, _ = load_model(name, device="cpu")
+    model, _ = load_model(name, device="cpu", quantize="nf4" if method == "qlora" else "none")
 model.train()
 if ckpt:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-if method == "lora":
+if method in ("lora", "qlora"):
     model = get_lora_model(model, LoraConfig(r=r, alpha=2 * r, target_modules="all-linear")).model
 params = [p for p in model.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=1e-5)
 ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+import gc, ctypes
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset VmHWM to the current RSS: the peak of loading is not the peak of training
 for _ in range(2):
     s, n = causal_lm_loss_sum(model, ids, ids)
     (s / n).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 print(json.dumps({"measured": peak - base, "estimated": est.total, "parts": est.components}))
 """
 
@@ -73,19 +86,23 @@ print(json.dumps({"measured": peak - base, "estimated": est.total, "parts": est.
 def main() -> None:
     rows = []
     for c in CONFIGS:
-        out = subprocess.run([sys.executable, "-c", WORKER, json.dumps(c)], capture_output=True, text=True)
-        if out.returncode != 0:
-            print(out.stderr[-2000:], file=sys.stderr)
-            raise SystemExit(1)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r = {}
+        for alloc in ("live", "default"):
+            out = subprocess.run([sys.executable, "-c", WORKER, json.dumps(c), alloc], capture_output=True, text=True)
+            if out.returncode != 0:
+                print(out.stderr[-2000:], file=sys.stderr)
+                raise SystemExit(1)
+            r[alloc] = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append((c[0], r))
-        print(f"{c[0]}: measured {r['measured'] / 2**20:.0f} MiB, estimated {r['estimated'] / 2**20:.0f} MiB", file=sys.stderr)
+        print(f"{c[0]}: measured {r['live']['measured'] / 2**20:.0f} MiB (live), {r['default']['measured'] / 2**20:.0f} "
+              f"(glibc default), estimated {r['live']['estimated'] / 2**20:.0f} MiB", file=sys.stderr)
     print(f"# fp32 on CPU, {platform.machine()}, two AdamW steps, all labels")
-    print("| configuration | estimated MiB | measured MiB | error |")
-    print("|---|---|---|---|")
+    print("| configuration | estimated MiB | measured MiB (live tensors) | error | RSS with glibc's default allocator | error |")
+    print("|---|---|---|---|---|---|")
     for label, r in rows:
-        err = r["estimated"] / r["measured"] - 1
-        print(f"| {label} | {r['estimated'] / 2**20:.0f} | {r['measured'] / 2**20:.0f} | {err:+.1%} |")
+        est, live, default = r["live"]["estimated"], r["live"]["measured"], r["default"]["measured"]
+        print(f"| {label} | {est / 2**20:.0f} | {live / 2**20:.0f} | {est / live - 1:+.1%} | {default / 2**20:.0f} | "
+              f"{est / default - 1:+.1%} |")
 
 
 if __name__ == "__main__":

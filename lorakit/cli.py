@@ -48,6 +48,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", dest="alias_out", metavar="DIR", help="= --train.out_dir")
     p.add_argument("--resume", dest="alias_resume", nargs="?", const="latest", metavar="CKPT", help="= --train.resume (default: latest)")
     p.add_argument("--overwrite", dest="alias_overwrite", action="store_true", help="= --train.overwrite true")
+    p.add_argument("--quantize", dest="alias_quantize", metavar="Q", help="= --model.quantize (nf4 | fp4 | int8: QLoRA)")
+    p.add_argument("--double-quant", dest="alias_double_quant", action=argparse.BooleanOptionalAction, default=None,
+                   help="= --model.double_quant")
+    p.add_argument("--compute-dtype", dest="alias_compute_dtype", metavar="D", help="= --model.compute_dtype")
+    p.add_argument("--optimizer", dest="alias_optimizer", metavar="O", help="= --train.optimizer")
     from .config import RunConfig
 
     defaults = RunConfig().to_dict()
@@ -71,7 +76,9 @@ def _flag_overrides(args: argparse.Namespace) -> dict:
         section, key = dest.split(".", 1)
         out.setdefault(section, {})[key] = coerce_value(SECTIONS[section], key, raw)
     aliases = {"alias_model": ("model", "name"), "alias_data": ("data", "path"), "alias_out": ("train", "out_dir"),
-               "alias_resume": ("train", "resume")}
+               "alias_resume": ("train", "resume"), "alias_quantize": ("model", "quantize"),
+               "alias_double_quant": ("model", "double_quant"), "alias_compute_dtype": ("model", "compute_dtype"),
+               "alias_optimizer": ("train", "optimizer")}
     for dest, (section, key) in aliases.items():
         if getattr(args, dest, None) is not None:
             out.setdefault(section, {})[key] = getattr(args, dest)
@@ -113,8 +120,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 def _all_commands() -> dict:
     from .cli_data import DATA_COMMAND
     from .cli_infer import INFER_COMMANDS
+    from .cli_plan import PLAN_COMMANDS
 
-    return {**COMMANDS, **INFER_COMMANDS, **DATA_COMMAND}
+    return {**COMMANDS, **INFER_COMMANDS, **DATA_COMMAND, **PLAN_COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:

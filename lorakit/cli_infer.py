@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from .config import QUANT_CHOICES
 from .errors import LorakitError
 
 __all__ = ["INFER_COMMANDS"]
@@ -20,6 +21,15 @@ def _model_args(p: argparse.ArgumentParser, adapters: str = "many") -> None:
         p.add_argument("--adapter", required=True, metavar="PATH", help="adapter folder (PEFT format)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--quantize", default="none", choices=QUANT_CHOICES,
+                   help="store the base's linear layers quantized (needs lorakit[qlora]); use the run's setting")
+    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                   help="4-bit: quantize the block scales too (default: on)")
+    p.add_argument("--compute-dtype", default="auto", help="4-bit compute dtype: auto | float32 | bfloat16 | float16")
+
+
+def _quant_kwargs(args: argparse.Namespace) -> dict:
+    return {"quantize": args.quantize, "double_quant": args.double_quant, "compute_dtype": args.compute_dtype}
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -45,7 +55,8 @@ def _sampling(args: argparse.Namespace):
 def _engine(args: argparse.Namespace):
     from .infer import load_engine
 
-    return load_engine(args.model, args.adapter, args.device, args.dtype, getattr(args, "template", "auto"))
+    return load_engine(args.model, args.adapter, args.device, args.dtype, getattr(args, "template", "auto"),
+                       **_quant_kwargs(args))
 
 
 def _only_adapter(engine) -> str | None:
@@ -192,8 +203,10 @@ def _add_merge(p: argparse.ArgumentParser) -> None:
     _model_args(p, adapters="one")
     p.add_argument("--out", required=True, help="new folder for the merged model")
     p.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the saved weights (default: the model's)")
+                   help="dtype of the saved weights (default: the model's; float32 after a quantized run)")
     p.add_argument("--safe", action="store_true", help="refuse to write if a merged weight is inf/NaN")
+    p.add_argument("--requantize", action="store_true",
+                   help="quantized run: write the merged weights quantized again (lossy: prints the measured error)")
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -201,16 +214,38 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     from .merge import check_new_folder, save_merged
     from .model import LoraModel
-    from .models import load_model
+    from .models import load_model, quant_spec
 
     check_new_folder(args.out)
-    base, tok = load_model(args.model, args.device, args.dtype)
+    if args.requantize and args.quantize == "none":
+        raise LorakitError("--requantize re-quantizes a quantized run's merge: also pass --quantize nf4|fp4|int8 "
+                           "(the run's model.quantize)")
+    spec = quant_spec(args.quantize, args.double_quant, args.compute_dtype)
+    base, tok = load_model(args.model, args.device, args.dtype, **_quant_kwargs(args))
     lm = LoraModel.from_pretrained(base, args.adapter)
+    if spec is not None:
+        from .quant import dequantize_model, hf_quantization_config, quantize_model, requantize_error
+
+        dequantize_model(lm.model)  # the exact base the adapter was trained against, in float32
+        if args.requantize:
+            err = requantize_error(lm, spec)
+            print(f"warning: re-quantizing to {spec.method} changes the merged weights by {100 * err['weight_error']:.2f}% "
+                  f"of their norm, which is {100 * err['update_error']:.0f}% of the adapter's update; the float "
+                  "merge (without --requantize) keeps the update exactly", file=sys.stderr)
     merged = lm.merge_and_unload(safe=args.safe)
-    if args.save_dtype:
-        merged.to({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.save_dtype])
+    save_dtype = args.save_dtype or ("float32" if spec is not None else None)
+    if spec is not None and save_dtype == "bfloat16" and not args.requantize:
+        print("warning: bfloat16 keeps 8 significant bits; its rounding (~0.2% of each weight) is of the order of "
+              "a LoRA update. float16 or float32 keep it.", file=sys.stderr)
+    if save_dtype:
+        merged.to(getattr(torch, save_dtype))
+    if args.requantize:
+        quantize_model(merged, spec)
+        merged.config.quantization_config = hf_quantization_config(spec)
     out = save_merged(merged, args.out, tok)
-    print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+    how = (f", re-quantized to {spec.method}" if args.requantize else
+           f", merged into the dequantized {spec.method} base, saved as {save_dtype}") if spec is not None else ""
+    print(f"merged model written to {out}{how} (load it with AutoModelForCausalLM.from_pretrained)")
     return 0
 
 

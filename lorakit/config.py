@@ -14,6 +14,8 @@ __all__ = ["LoraConfig", "ModelConfig", "DataConfig", "TrainConfig", "RunConfig"
            "load_yaml", "dump_yaml", "merge_nested", "SECTIONS", "BIAS_CHOICES"]
 
 BIAS_CHOICES = ("none", "all", "lora_only")
+QUANT_CHOICES = ("none", "nf4", "fp4", "int8")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
@@ -149,10 +151,20 @@ class ModelConfig:
     """Weights dtype: auto (bf16 on CUDA that supports it, fp32 elsewhere) | float32 | bfloat16 | float16."""
     trust_remote_code: bool = False
     """Allow model code from the hub (off unless you trust the repository)."""
+    quantize: str = "none"
+    """Store the frozen linear weights quantized (QLoRA): none | nf4 | fp4 | int8 (needs lorakit[qlora])."""
+    double_quant: bool = True
+    """4-bit only: quantize the block scales too (4.127 instead of 4.5 bits per weight)."""
+    compute_dtype: str = "auto"
+    """4-bit only: dtype the quantized layers compute in: auto (bf16 on CUDA that supports it, else float32) | float32 | bfloat16 | float16."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise LorakitError(f"model.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quantize not in QUANT_CHOICES:
+            raise LorakitError(f"model.quantize must be one of {', '.join(QUANT_CHOICES)}, got {self.quantize!r}")
+        if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise LorakitError(f"model.compute_dtype must be auto, float32, bfloat16 or float16, got {self.compute_dtype!r}")
 
 
 @dataclass
@@ -206,6 +218,8 @@ class TrainConfig:
     """Run folder: adapter/, checkpoints/, metrics.jsonl, loss.png, config.yaml."""
     lr: float = 2e-4
     """Peak learning rate (AdamW)."""
+    optimizer: str = "adamw"
+    """adamw | adamw8bit (8-bit states, bitsandbytes) | paged_adamw8bit (CUDA paging; plain 8-bit on CPU)."""
     lora_plus_ratio: float = 0.0
     """LoRA+: learning rate of B = ratio × lr (0: off; 16 is the paper's choice)."""
     weight_decay: float = 0.0
@@ -250,6 +264,10 @@ class TrainConfig:
     """Reuse an existing out_dir (its old files are replaced)."""
     resume: Union[str, None] = None
     """Resume from 'latest' or a checkpoint folder."""
+    rank_schedule: Union[str, list, None] = None
+    """Progressive rank: '2@0,8@200,16@600' (rank@step) or 'plateau:2,8,16' (grow when eval loss stalls); lora.r = the last rank."""
+    rank_patience: int = 2
+    """Plateau schedule: evaluations without a 1% eval-loss improvement before the rank grows."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -258,12 +276,20 @@ class TrainConfig:
             raise LorakitError("train.batch_size and train.grad_accum must be at least 1")
         if self.schedule not in SCHEDULES:
             raise LorakitError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise LorakitError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise LorakitError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.max_steps < 0 or self.epochs <= 0 and self.max_steps == 0:
             raise LorakitError("set train.max_steps > 0 or train.epochs > 0")
         if self.keep_last < 1:
             raise LorakitError(f"train.keep_last must be at least 1, got {self.keep_last}")
+        if self.rank_schedule is not None:
+            from .rank_schedule import parse_rank_schedule
+
+            schedule = parse_rank_schedule(self.rank_schedule)
+            if schedule.steps is None and self.eval_every < 1:
+                raise LorakitError("train.rank_schedule plateau:... grows on the eval loss: set train.eval_every too")
 
 
 @dataclass

@@ -105,6 +105,8 @@ def load_model_config(name: str) -> Any:
 
     source = resolve_source(name)
     try:
+        if source.kind == "dir":
+            _check_fields(source.path)
         if source.kind == "gguf":
             from .models import _gguf_cache_dir
 
@@ -121,6 +123,22 @@ def load_model_config(name: str) -> Any:
         raise
     except Exception as err:
         raise LorakitError(f"cannot read the config of {name!r}: {str(err).splitlines()[0]}") from None
+
+
+_NEEDED = (("hidden_size", "n_embd", "d_model"), ("num_hidden_layers", "n_layer", "num_layers"),
+           ("num_attention_heads", "n_head"), ("vocab_size",))
+
+
+def _check_fields(folder: str) -> None:
+    """A config.json must state the sizes itself: transformers would fill missing ones with a
+    default architecture's (a 7B Llama's), and the estimate would silently be of another model."""
+    from transformers import PretrainedConfig
+
+    raw, _ = PretrainedConfig.get_config_dict(folder)
+    for names in _NEEDED:
+        if not any(n in raw for n in names):
+            raise LorakitError(f"{folder}/config.json has no {' / '.join(names)}; it must state the model's sizes "
+                               "(hidden size, layers, heads, vocabulary) for an estimate")
 
 
 def parse_size(text: str) -> float:
@@ -225,8 +243,9 @@ def estimate_memory(s: ModelShape, method: str = "lora", r: int = 16, targets: l
                                                                 len(names) if method != "full" else 0, grad_ckpt)
     labels = max(1, int(tokens * label_fraction))
     if chunked_loss:
-        # One chunk of fp32 logits (softmax computed in place) plus the saved gradient w.r.t. hidden.
-        comp["loss (chunked logits)"] = min(labels, LOSS_CHUNK) * s.vocab * 4 + labels * s.hidden * act_b
+        # One chunk of fp32 logits and logsumexp's temporary of the same size (the softmax is then
+        # taken in place), plus the label positions' hidden states and their saved gradient.
+        comp["loss (chunked logits)"] = 2 * min(labels, LOSS_CHUNK) * s.vocab * 4 + 2 * labels * s.hidden * act_b
     else:
         # Full logits, their fp32 copy for the loss, and the gradient of the same size.
         comp["loss (full logits)"] = 3 * tokens * s.vocab * 4
@@ -238,8 +257,8 @@ def estimate_memory(s: ModelShape, method: str = "lora", r: int = 16, targets: l
     if device_memory is not None:
         fixed = est.total - comp["activations"] - comp[loss_key]
         per_token = comp["activations"] / tokens
-        loss_per_token = s.hidden * act_b + (s.vocab * 4 / max(1, seq) if chunked_loss else 3 * s.vocab * 4)
-        room = device_memory - fixed - (LOSS_CHUNK * s.vocab * 4 if chunked_loss else 0)
+        loss_per_token = 2 * s.hidden * act_b + (0 if chunked_loss else 3 * s.vocab * 4)
+        room = device_memory - fixed - (2 * LOSS_CHUNK * s.vocab * 4 if chunked_loss else 0)
         max_tokens = int(room / (per_token + loss_per_token)) if room > 0 else 0
         est.max_batch = max_tokens // seq
         est.max_seq = max_tokens // batch

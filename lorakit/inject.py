@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover
 __all__ = [
     "DEFAULT_TARGETS", "ModulesToSave", "Target", "plan_targets", "inject_adapter", "lora_layers",
     "set_active_adapters", "disable_adapters", "delete_adapter", "mixed_batch", "trainable_report",
-    "adapter_modules", "validate_adapter_name",
+    "adapter_modules", "validate_adapter_name", "expand_pattern_aliases", "last_modules",
 ]
 
 # Default target modules by `config.model_type`, when the user names none (attention + MLP).
@@ -147,6 +147,38 @@ def _layer_index(name: str, layers_pattern: list[str] | str | None) -> int | Non
     return int(m.group(1)) if m else None
 
 
+PATTERN_ALIASES = ("@attention", "@mlp", "@first:<k>", "@last:<k>")
+_ATTENTION_RE = r".*(attn|attention)\.[^.]+"  # a projection inside an attention block
+_MLP_RE = r".*(mlp|feed_forward|ffn)\.[^.]+"
+
+
+def expand_pattern_aliases(model: nn.Module, table: dict) -> dict:
+    """rank_pattern/alpha_pattern with the conveniences written as PEFT regexes: '@attention' and
+    '@mlp' (projections inside attention / MLP blocks), '@first:k' and '@last:k' (modules of the
+    first / last k numbered layers). Other keys pass through; the order (first match wins) is kept."""
+    if not any(str(k).startswith("@") for k in table):
+        return table
+    layers = sorted({i for n, _ in model.named_modules() if (i := _layer_index(n, None)) is not None})
+    out = {}
+    for key, value in table.items():
+        key = str(key)
+        if key == "@attention":
+            out[_ATTENTION_RE] = value
+        elif key == "@mlp":
+            out[_MLP_RE] = value
+        elif m := re.fullmatch(r"@(first|last):(\d+)", key):
+            if not layers:
+                raise LorakitError(f"pattern {key!r}: this {type(model).__name__} has no numbered layers")
+            k = int(m.group(2))
+            chosen = layers[:k] if m.group(1) == "first" else layers[-k:]
+            out[rf".*\.({'|'.join(map(str, chosen))})\..*"] = value
+        elif key.startswith("@"):
+            raise LorakitError(f"unknown pattern alias {key!r}; use {', '.join(PATTERN_ALIASES)} or a regex")
+        else:
+            out[key] = value
+    return out
+
+
 def _pattern_value(table: dict, name: str, default):
     # PEFT semantics: the first key that matches the end of the module path wins.
     for key, value in table.items():
@@ -218,6 +250,15 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str) -> lis
         if not any(n == want or n.endswith("." + want) for n, _ in _candidate_modules(model)):
             raise LorakitError(f"modules_to_save names {want!r}, which is not a module of this {type(model).__name__}")
     return plan
+
+
+def last_modules(model: nn.Module, kind: type = nn.Conv2d, k: int = 3) -> list[str]:
+    """Paths of the last ``k`` modules of type ``kind`` in definition order — e.g. the last three
+    convolutions of a CNN, where adapting the high-level features pays most."""
+    found = [n for n, m in model.named_modules() if type(m) is kind]
+    if len(found) < k:
+        raise LorakitError(f"asked for the last {k} {kind.__name__} modules; this model has {len(found)}")
+    return found[-k:]
 
 
 def _adaptable_leaf_names(model: nn.Module) -> list[str]:
@@ -339,10 +380,16 @@ def delete_adapter(model: nn.Module, name: str) -> None:
                 _set_module(model, path, module.original_module)
 
 
+def _param_count(p: torch.Tensor) -> int:
+    # A 4-bit weight is stored packed (two values per byte); its quant state knows the real shape.
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    return shape.numel() if shape is not None else p.numel()
+
+
 def trainable_report(model: nn.Module) -> tuple[str, "OrderedDict[str, dict]"]:
     """PEFT's one-line summary and a per-module-type breakdown of the trainable parameters."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(_param_count(p) for p in model.parameters())
     line = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}"
     groups: OrderedDict[str, dict] = OrderedDict()
     for path, module in adapter_modules(model):

@@ -33,6 +33,13 @@ def _adapter_dtype(weight: Tensor) -> torch.dtype:
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def _require_float_base(weight: Tensor, what: str) -> None:
+    if not weight.dtype.is_floating_point:
+        # Writing into a quantized weight would re-quantize it and round most of the update away.
+        raise ValueError(f"cannot {what} a quantized base weight ({weight.dtype}); dequantize the model first "
+                         "(lorakit.quant.dequantize_model, which merge_and_unload does for you)")
+
+
 class LoraLayer(nn.Module, ABC):
     """Named adapters around one frozen ``base_layer``: which exist, which are active, which are merged.
 
@@ -108,6 +115,33 @@ class LoraLayer(nn.Module, ABC):
     def set_scale(self, name: str, scaling: float) -> None:
         self.scaling[name] = scaling
 
+    def grow_adapter(self, name: str, r: int, alpha: float) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """Raise adapter ``name`` to rank ``r`` without changing its output.
+
+        The old factors become the first slices of new ones; the new rows of A are initialised
+        like a fresh A and the new columns of B like a fresh B (zero), so B·A is unchanged (for
+        Embedding, whose A starts at zero, the other way round). ``alpha`` must keep the scaling
+        s unchanged. Returns ((old A, new A), (old B, new B)) so an optimizer can follow.
+        """
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged; unmerge it before changing its rank")
+        if f"pissa_A0_{name}" in self._buffers:
+            raise ValueError("a PiSSA adapter cannot grow: its factors are tied to the base's singular vectors")
+        r0 = self.r[name]
+        if r <= r0:
+            raise ValueError(f"adapter {name!r} has rank {r0}; a new rank must be larger, got {r}")
+        old_A, old_B = self.lora_A[name], self.lora_B[name]
+        a_shape, b_shape = self._factor_shapes(r)
+        self.lora_A[name] = nn.Parameter(old_A.new_empty(a_shape), requires_grad=old_A.requires_grad)
+        self.lora_B[name] = nn.Parameter(old_B.new_empty(b_shape), requires_grad=old_B.requires_grad)
+        self.r[name], self.alpha[name] = r, alpha
+        self._init_factors(name, "default")
+        with torch.no_grad():
+            self.lora_A[name][:r0].copy_(old_A)  # the rank is A's first and B's second dimension
+            self.lora_B[name][:, :r0].copy_(old_B)
+        self._routing_cache = None
+        return (old_A, self.lora_A[name]), (old_B, self.lora_B[name])
+
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -149,6 +183,7 @@ class LoraLayer(nn.Module, ABC):
     def merge(self, names: Sequence[str] | None = None, safe: bool = False) -> list[str]:
         """Add the deltas of ``names`` (default: the active adapters) into the base weight."""
         weight = self.base_layer.weight
+        _require_float_base(weight, "merge into")
         done = []
         for name in names if names is not None else self.active_adapters:
             if name not in self.lora_A or name in self.merged_adapters:
@@ -201,7 +236,12 @@ class LoraLinear(LoraLayer):
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
         w = base_layer.weight
-        self.out_features, self.in_features = (w.shape[1], w.shape[0]) if fan_in_fan_out else tuple(w.shape)
+        if fan_in_fan_out:
+            self.out_features, self.in_features = w.shape[1], w.shape[0]
+        elif hasattr(base_layer, "in_features"):  # a quantized base stores its weight packed
+            self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
+        else:
+            self.out_features, self.in_features = tuple(w.shape)
 
     def _factor_shapes(self, r: int):
         return (r, self.in_features), (self.out_features, r)
@@ -266,6 +306,7 @@ class LoraLinear(LoraLayer):
         # PiSSA: the adapter starts as the top-r singular triplets of W; the base keeps the rest.
         r, s = self.r[name], self.scaling[name]
         weight = self.base_layer.weight
+        _require_float_base(weight, "initialise PiSSA from")
         W = weight.data.float()
         W = W.t() if self.fan_in_fan_out else W  # (out, in)
         if init == "pissa":

@@ -14,6 +14,7 @@ from torch import nn
 from .errors import LorakitError
 from .inject import ModulesToSave, _set_module, adapter_modules, lora_layers
 from .lora import LoraLayer
+from .quant import dequantize_layer, dequantize_model, is_quantized
 
 __all__ = ["merge_adapters", "unmerge_adapters", "unload", "merge_and_unload", "save_merged", "check_new_folder"]
 
@@ -48,6 +49,12 @@ def merge_adapters(model: nn.Module, names: Sequence[str] | None = None, safe: b
     non-finite nothing is changed.
     """
     layers = list(lora_layers(model))
+    for _, layer in layers:
+        wanted = [n for n in (names if names is not None else layer.active_adapters) if n in layer.lora_A]
+        if wanted and is_quantized(layer.base_layer):
+            # A quantized run merges into the dequantized weights it was trained against; writing the
+            # sum back in 4 bits would round most of the update away (see docs/qlora.md).
+            layer.base_layer = dequantize_layer(layer.base_layer)
     if safe:
         for path, layer in layers:
             for name in names if names is not None else layer.active_adapters:
@@ -93,8 +100,10 @@ def _is_output_head_of_tied(model: nn.Module, module: ModulesToSave) -> bool:
 
 
 def merge_and_unload(model: nn.Module, names: Sequence[str] | None = None, safe: bool = False) -> nn.Module:
-    """Merge ``names`` (default: active) and return the plain transformers model."""
+    """Merge ``names`` (default: active) and return the plain transformers model. A quantized base
+    is dequantized first (every quantized layer, adapted or not), so the result is a float model."""
     merge_adapters(model, names, safe=safe)
+    dequantize_model(model)
     return unload(model)
 
 

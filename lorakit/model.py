@@ -17,7 +17,8 @@ from .combine import combine_adapters
 from .config import LoraConfig
 from .errors import LorakitError
 from .inject import (
-    delete_adapter, disable_adapters, format_report, inject_adapter, mixed_batch, set_active_adapters,
+    delete_adapter, disable_adapters, expand_pattern_aliases, format_report, inject_adapter, mixed_batch,
+    set_active_adapters,
     trainable_report,
 )
 from .merge import merge_adapters, merge_and_unload, unload, unmerge_adapters
@@ -43,6 +44,9 @@ class LoraModel(nn.Module):
             config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
         if config.task_type is None and callable(getattr(self.model, "prepare_inputs_for_generation", None)):
             config.task_type = "CAUSAL_LM"
+        # '@last:4', '@mlp'... become the regexes they stand for: the saved config is plain PEFT.
+        config.rank_pattern = expand_pattern_aliases(self.model, config.rank_pattern)
+        config.alpha_pattern = expand_pattern_aliases(self.model, config.alpha_pattern)
         inject_adapter(self.model, config, name)
         self.configs[name] = config
         if activate:

@@ -205,13 +205,30 @@ def _tokenizer_from(folder: str, trust_remote_code: bool):
     return tok
 
 
+def quant_spec(quantize: str = "none", double_quant: bool = True, compute_dtype: str = "auto",
+               device: torch.device | None = None):
+    """The ``QuantSpec`` for these settings (None for 'none'); compute dtype auto is bf16 on a CUDA
+    GPU that supports it and float32 elsewhere (bf16 matmuls are slow on CPUs without native bf16)."""
+    from .quant import QuantSpec, require_bnb
+
+    if quantize in (None, "none"):
+        return None
+    require_bnb()  # a missing extra is said before the model is loaded
+    return QuantSpec(quantize, double_quant, resolve_dtype(compute_dtype, device or torch.device("cpu")))
+
+
 def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
-               attn_implementation: str | None = "sdpa"):
-    """(model, tokenizer) for ``name``: a folder, a .gguf file, a hub id, or an embedded name."""
+               attn_implementation: str | None = "sdpa", quantize: str = "none", double_quant: bool = True,
+               compute_dtype: str = "auto"):
+    """(model, tokenizer) for ``name``: a folder, a .gguf file, a hub id, or an embedded name.
+
+    ``quantize`` nf4 | fp4 | int8 stores the linear layers (not the output head) quantized on the
+    target device; see ``lorakit.quant``."""
     from transformers import AutoModelForCausalLM
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    spec = quant_spec(quantize, double_quant, compute_dtype, dev)
     source = resolve_source(name)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
@@ -222,6 +239,10 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     except (OSError, ValueError) as err:
         raise LorakitError(f"could not load a causal LM from {name!r}: {str(err).splitlines()[0]}") from None
     tokenizer = _tokenizer_from(folder, trust_remote_code)
+    if spec is not None:
+        from .quant import quantize_model
+
+        quantize_model(model, spec, dev)  # layer by layer, on the target device: the float copies go as it goes
     model.to(dev)
     if source.kind == "hub" or name in EMBEDDED_MODELS:
         model.config._name_or_path = name  # what adapter_config.json records as the base model

@@ -99,6 +99,11 @@ class RunLog:
         if self.plot:
             plot_losses(self.out / "loss.png", self.train_points, self.eval_points)
 
+    def event(self, step: int, text: str, **fields: Any) -> None:
+        """A one-off event (e.g. a rank growth): printed and written to metrics.jsonl."""
+        self._write({"step": step, "event": text, **fields})
+        (self.bar.write if self.bar is not None else print)(f"step {step}: {text}")
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

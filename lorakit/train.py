@@ -14,7 +14,7 @@ import random
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +30,8 @@ from .evaluate import eval_loss, exact_match, generate_answers, perplexity
 from .loss import causal_lm_loss_sum
 from .model import LoraModel, get_lora_model
 from .models import cache_root, load_model
+from .quant import prepare_for_kbit_training, quant_summary
+from .rank_schedule import PlateauTracker, grow_adapter_rank, parse_rank_schedule, stage_alpha
 from .runlog import RunLog, peak_memory_mb
 
 __all__ = ["train", "TrainResult", "lr_lambda", "build_optimizer"]
@@ -66,8 +68,10 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
     return f
 
 
-def build_optimizer(lm: LoraModel, lr: float, weight_decay: float, lora_plus_ratio: float) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; with LoRA+ the B matrices get ratio × lr."""
+def build_optimizer(lm: LoraModel, lr: float, weight_decay: float, lora_plus_ratio: float,
+                    kind: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' 8-bit AdamW) over the trainable parameters; with LoRA+ the B
+    matrices get ratio × lr."""
     a_params, b_params, other = [], [], []
     for name, p in lm.named_parameters():
         if not p.requires_grad:
@@ -75,7 +79,16 @@ def build_optimizer(lm: LoraModel, lr: float, weight_decay: float, lora_plus_rat
         (b_params if ".lora_B." in name else a_params if ".lora_A." in name else other).append(p)
     ratio = lora_plus_ratio or 1.0
     groups = [{"params": a_params, "lr": lr}, {"params": b_params, "lr": lr * ratio}, {"params": other, "lr": lr}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
+    groups = [g for g in groups if g["params"]]
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    from .quant import require_bnb
+
+    bnb = require_bnb()
+    on_cuda = any(p.is_cuda for g in groups for p in g["params"])
+    # Paging moves optimizer state to host memory under GPU memory pressure; on CPU there is nothing to page.
+    cls = bnb.optim.PagedAdamW8bit if kind == "paged_adamw8bit" and on_cuda else bnb.optim.AdamW8bit
+    return cls(groups, lr=lr, weight_decay=weight_decay)
 
 
 def _physical_cores() -> int:
@@ -90,6 +103,23 @@ def _physical_cores() -> int:
         if "core id" in info:
             cores.add((info.get("physical id"), info["core id"]))
     return len(cores) or os.cpu_count() or 1
+
+
+def _rank_schedule(cfg: RunConfig):
+    """The run's RankSchedule (None without one), checked against the rest of the config."""
+    if cfg.train.rank_schedule is None:
+        return None
+    schedule = parse_rank_schedule(cfg.train.rank_schedule)
+    if schedule.final != cfg.lora.r:
+        raise LorakitError(f"train.rank_schedule ends at rank {schedule.final} but lora.r is {cfg.lora.r}; "
+                           f"set lora.r {schedule.final} (the saved adapter's rank)")
+    if cfg.lora.rank_pattern or cfg.lora.alpha_pattern:
+        raise LorakitError("train.rank_schedule grows one rank for every layer; it cannot be combined with lora.rank_pattern")
+    if cfg.lora.init.startswith("pissa"):
+        raise LorakitError("train.rank_schedule cannot grow a PiSSA adapter; use lora.init default")
+    if cfg.train.optimizer != "adamw":
+        raise LorakitError("train.rank_schedule needs train.optimizer adamw (8-bit states cannot be resized)")
+    return schedule
 
 
 def _prepare_out_dir(out: Path, overwrite: bool, resume: str | None) -> None:
@@ -141,15 +171,26 @@ def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None
     torch.manual_seed(t_cfg.seed)
 
     # ---- setup: everything is validated before the run folder is written ----------------
-    model, tok = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.model.trust_remote_code)
+    m_cfg = cfg.model
+    model, tok = load_model(m_cfg.name, m_cfg.device, m_cfg.dtype, m_cfg.trust_remote_code, quantize=m_cfg.quantize,
+                            double_quant=m_cfg.double_quant, compute_dtype=m_cfg.compute_dtype)
     device = next(model.parameters()).device
+    if m_cfg.quantize != "none":
+        prepare_for_kbit_training(model)
+        echo(f"base quantized: {quant_summary(model)}")
     prepared = prepare_data(cfg.data, tok, t_cfg.seed, cache_root() / "data")
     echo(f"data: {len(prepared.train)} train / {len(prepared.val)} validation examples, template {prepared.template}"
          + (" (tokenized data from cache)" if prepared.from_cache else "")
          + (f"; {prepared.stats['too_long']} longer than max_len={cfg.data.max_len} ({cfg.data.truncation})"
             if prepared.stats.get("too_long") else "")
          + (f"; dropped {prepared.stats['dropped_no_labels']} with no trainable token" if prepared.stats.get("dropped_no_labels") else ""))
-    lm = get_lora_model(model, cfg.lora)
+    schedule = _rank_schedule(cfg)
+    lora_cfg = cfg.lora if schedule is None else replace(
+        cfg.lora, r=schedule.first, alpha=stage_alpha(cfg.lora.alpha, schedule.first, schedule.final, cfg.lora.use_rslora))
+    lm = get_lora_model(model, lora_cfg)
+    if schedule is not None:
+        lm.rank_final, lm.alpha_final = {"default": schedule.final}, {"default": cfg.lora.alpha}
+    plateau = PlateauTracker(t_cfg.rank_patience) if schedule is not None and schedule.steps is None else None
     if t_cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
@@ -158,7 +199,7 @@ def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None
     batches_per_epoch = len(batch_plan(prepared.train, cfg.data.max_len, t_cfg.batch_size, cfg.data.packing, t_cfg.seed))
     total_steps = t_cfg.max_steps or max(1, math.ceil(t_cfg.epochs * batches_per_epoch / t_cfg.grad_accum))
     warmup = int(t_cfg.warmup * total_steps) if t_cfg.warmup < 1 else int(t_cfg.warmup)
-    optimizer = build_optimizer(lm, t_cfg.lr, t_cfg.weight_decay, t_cfg.lora_plus_ratio)
+    optimizer = build_optimizer(lm, t_cfg.lr, t_cfg.weight_decay, t_cfg.lora_plus_ratio, t_cfg.optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t_cfg.schedule, warmup, total_steps))
     autocast, scaler = _autocast(device, t_cfg.precision)
     progress = Progress(step=0, micro_batches=0, tokens=0, elapsed=0.0)
@@ -166,13 +207,15 @@ def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None
         progress, state = load_trainer_state(resume_from)
         lm.delete_adapter("default")
         lm.load_adapter(resume_from / "adapter", "default", is_trainable=True)
-        optimizer = build_optimizer(lm, t_cfg.lr, t_cfg.weight_decay, t_cfg.lora_plus_ratio)
+        optimizer = build_optimizer(lm, t_cfg.lr, t_cfg.weight_decay, t_cfg.lora_plus_ratio, t_cfg.optimizer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t_cfg.schedule, warmup, total_steps))
         # Optimizer state after the scheduler exists: a new LambdaLR resets the groups' lr to step 0's.
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
+        if plateau is not None and "plateau" in state:
+            plateau.load_state_dict(state["plateau"])
         set_rng_state(state["rng"])
         echo(f"resuming from {resume_from} at step {progress.step}")
     if t_cfg.overwrite and resume_from is None and out.exists():
@@ -191,6 +234,8 @@ def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
+        if plateau is not None:
+            state["plateau"] = plateau.state_dict()
         return save_checkpoint(out, progress, lambda d: lm.save_pretrained(d), state, config_yaml, t_cfg.keep_last)
 
     stop = {"signal": None}
@@ -214,6 +259,12 @@ def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None
             for item in plan[i:]:
                 yield collate(item, prepared.train, cfg.data.packing, tok.pad_token_id)
             epoch, i = epoch + 1, 0
+
+    def grow(r: int, why: str) -> None:
+        r0 = lm.configs["default"].r
+        layers = grow_adapter_rank(lm, "default", r, optimizer)
+        lm.train()
+        log.event(progress.step, f"rank {r0} -> {r} in {layers} layers ({why})", rank=r)
 
     stream = micro_batches()
     log.start_progress()
@@ -260,8 +311,14 @@ def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None
             tps = (progress.tokens - tokens_at_start) / max(1e-9, time.perf_counter() - t_loop)
             log.step(progress.step, loss_value, scheduler.get_last_lr()[0], float(grad_norm), progress.tokens, tps,
                      write=progress.step % t_cfg.log_every == 0 or progress.step == total_steps)
+            if schedule is not None and schedule.steps is not None and schedule.rank_at(progress.step) > lm.configs["default"].r:
+                grow(schedule.rank_at(progress.step), "scheduled")
             if t_cfg.eval_every and progress.step % t_cfg.eval_every == 0 and progress.step < total_steps:
-                log.eval(progress.step, _evaluate(lm, tok, prepared, cfg, device, base=False)[0])
+                scores = _evaluate(lm, tok, prepared, cfg, device, base=False)[0]
+                log.eval(progress.step, scores)
+                nxt = schedule.next_rank(lm.configs["default"].r) if plateau is not None else None
+                if nxt is not None and plateau.update(scores["eval_loss"]):
+                    grow(nxt, f"eval loss stalled for {t_cfg.rank_patience} evaluations")
             if t_cfg.save_every and progress.step % t_cfg.save_every == 0 and progress.step < total_steps:
                 last_good = write_checkpoint()
     finally:

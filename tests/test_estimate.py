@@ -41,3 +41,76 @@ def test_sizes_and_bad_numbers():
         estimate_memory(shape_from_config(SMOL), batch=0)
     with pytest.raises(LorakitError, match="match none"):
         estimate_memory(shape_from_config(SMOL), targets=["wq"])
+
+
+def _cli(capsys, *argv):
+    from lorakit.cli import main
+
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_estimate_reads_the_config_only_and_matches_the_real_adapter(tiny_model_dir, capsys):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import LoraConfig, get_lora_model
+
+    code, out, _ = _cli(capsys, "estimate", "--model", str(tiny_model_dir), "--r", "4", "--batch", "2", "--seq", "64",
+                        "--device", "cpu", "--json")
+    assert code == 0
+    est = json.loads(out)
+    lm = get_lora_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear"))
+    real = sum(p.numel() for p in lm.parameters() if p.requires_grad)
+    assert est["trainable_params"] == real
+    assert est["total"] == pytest.approx(sum(est["components"].values()))
+    code, out, _ = _cli(capsys, "estimate", "--model", str(tiny_model_dir), "--method", "qlora", "--device", "cpu")
+    assert code == 0 and "frozen linear weights (NF4, 4.127 bits)" in out and "total" in out
+
+
+def test_largest_batch_reported_is_the_largest_that_fits():
+    s = shape_from_config(SMOL)
+    e = estimate_memory(s, "lora", r=16, batch=2, seq=512, device_memory=4 * 2**30)
+    assert e.max_batch and e.max_batch > 1
+    assert estimate_memory(s, "lora", r=16, batch=e.max_batch, seq=512).total <= 4 * 2**30
+    assert estimate_memory(s, "lora", r=16, batch=e.max_batch + 1, seq=512).total > 4 * 2**30
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "/no/such/model"], "no/such/model"),
+    (["--device-memory", "lots"], "memory size"),
+    (["--targets", "wq,wk"], "match none"),
+])
+def test_cli_estimate_bad_input(tiny_model_dir, capsys, argv, message):
+    argv = argv if "--model" in argv else ["--model", str(tiny_model_dir), *argv]
+    code, _, err = _cli(capsys, "estimate", *argv)
+    assert code == 2 and message in err
+
+
+@pytest.mark.parametrize("flag", ["--batch", "--seq", "--r"])
+def test_cli_estimate_impossible_numbers(capsys, flag):
+    with pytest.raises(SystemExit) as exit_:
+        _cli(capsys, "estimate", flag, "0")
+    assert exit_.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+def test_config_without_the_needed_fields_is_named(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "vocab_size": 100}')
+    code, _, err = _cli(capsys, "estimate", "--model", str(tmp_path))
+    assert code == 2 and "hidden_size" in err
+
+
+def test_activation_and_loss_terms_by_hand():
+    tiny = shape_from_config(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    e = estimate_memory(tiny, "lora", r=4, batch=1, seq=16)
+    # per token and layer: block input + norm out (2h), q_rot + k + v + attention out + o_proj input
+    # (3h + 2kv), residual + norm out (2h), gate/up/silu/product (4I), A·x for 7 adapters (7r); fp32
+    per_token = (7 * 64 + 2 * 32 + 4 * 128 + 7 * 4) * 4 * 2
+    assert e.components["activations"] == 16 * per_token
+    # two chunks' worth of fp32 logits (logits + logsumexp's temporary) + hidden and its gradient
+    assert e.components["loss (chunked logits)"] == 2 * 16 * 96 * 4 + 2 * 16 * 64 * 4
+    ck = estimate_memory(tiny, "lora", r=4, batch=1, seq=16, grad_ckpt=True)
+    assert ck.components["activations"] == 16 * 4 * (2 * 64 + per_token // 8)  # block inputs + one block recomputed

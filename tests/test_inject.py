@@ -191,3 +191,25 @@ def test_mixed_batch_with_gradients_uses_the_grouped_path(ids):
     assert m.model.model.layers[0].self_attn.q_proj.lora_B["a"].grad.abs().sum() > 0
     assert m.model.model.layers[0].self_attn.q_proj.lora_B["b"].grad is None or \
         m.model.model.layers[0].self_attn.q_proj.lora_B["b"].grad.abs().sum() == 0
+
+
+def test_pattern_aliases_expand_to_plain_peft_regexes(tmp_path):
+    """'@last:k', '@first:k', '@attention', '@mlp' in rank_pattern become regexes before injection,
+    so the saved adapter_config.json is plain PEFT, and the ranks land where they say."""
+    import json
+
+    from conftest import tiny_llama
+    from lorakit import LoraConfig, LorakitError, get_lora_model
+
+    cfg = LoraConfig(r=4, alpha=8, target_modules="all-linear", rank_pattern={"@last:1": 16, "@mlp": 2},
+                     alpha_pattern={"@attention": 3})
+    lm = get_lora_model(tiny_llama(), cfg)
+    ranks = {n: m.r["default"] for n, m in lm.model.named_modules() if hasattr(m, "lora_A")}
+    assert ranks["model.layers.1.self_attn.q_proj"] == 16 and ranks["model.layers.1.mlp.up_proj"] == 16  # first match wins
+    assert ranks["model.layers.0.mlp.up_proj"] == 2 and ranks["model.layers.0.self_attn.o_proj"] == 4
+    assert lm.model.model.layers[0].self_attn.k_proj.alpha["default"] == 3
+    lm.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert not any(k.startswith("@") for k in saved["rank_pattern"]) and len(saved["rank_pattern"]) == 2
+    with pytest.raises(LorakitError, match="unknown pattern alias"):
+        get_lora_model(tiny_llama(), LoraConfig(rank_pattern={"@middle": 2}))

@@ -1,0 +1,107 @@
+"""`lorakit recommend`: the rule-based choices on generated small / medium / large datasets, the
+reasons printed, a YAML that trains as written, and QLoRA when float weights do not fit."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import LlamaConfig
+
+from lorakit import LorakitError
+from lorakit.cli import main
+from lorakit.config import DataConfig, load_yaml
+from lorakit.estimate import shape_from_config
+from lorakit.recommend import DataProfile, recommend
+
+SMOL = shape_from_config(LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                     num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True))
+WORDS = "alpha beta gamma delta river stone cloud paper light green tower".split()
+
+
+def _short(n):  # single-turn, answers of a few tokens
+    return [{"instruction": f"add {i} and {i + 1}", "output": str(2 * i + 1)} for i in range(n)]
+
+
+def _long(n):  # single-turn, answers of ~60 words
+    return [{"instruction": f"describe item {i}", "output": " ".join(WORDS[(i + k) % len(WORDS)] for k in range(60))}
+            for i in range(n)]
+
+
+def _chats(n):  # multi-turn messages
+    return [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "hello"},
+                          {"role": "user", "content": "and then?"}, {"role": "assistant", "content": f"then {i}"}]}
+            for i in range(n)]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _recommend(capsys, data, model, *extra):
+    code = main(["recommend", "--data", str(data), "--model", str(model), "--device-memory", "8GB",
+                 "--out", str(data.with_suffix(".yaml")), *extra])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return load_yaml(data.with_suffix(".yaml")), out.out
+
+
+def test_small_short_dataset_gets_rank_8_qv_and_a_yaml_that_trains(tiny_model_dir, tmp_path, capsys):
+    data = _write(tmp_path / "small.jsonl", _short(120))
+    cfg, out = _recommend(capsys, data, tiny_model_dir, "--run-dir", str(tmp_path / "run"))
+    lora, train = cfg["lora"], cfg["train"]
+    assert (lora["r"], lora["alpha"], lora["dropout"], lora["use_rslora"]) == (8, 16, 0.1, False)
+    assert lora["target_modules"] == ["q_proj", "v_proj"] and train["epochs"] == 3
+    assert cfg["model"]["name"] == str(tiny_model_dir) and cfg["model"]["quantize"] == "none"
+    assert train["batch_size"] * train["grad_accum"] == 16
+    assert "120 examples (< 5k)" in out and "short single-turn answers" in out
+    # p95 of the tokenized lengths, rounded up to 64
+    assert cfg["data"]["max_len"] % 64 == 0 and "95% of examples" in out
+    done = subprocess.run([sys.executable, "-m", "lorakit", "train", "--config", str(data.with_suffix(".yaml")),
+                           "--train.threads", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_medium_long_answers_get_rank_16_all_linear(tiny_model_dir, tmp_path, capsys):
+    data = _write(tmp_path / "medium.jsonl", _long(6_000))
+    cfg, out = _recommend(capsys, data, tiny_model_dir)
+    lora = cfg["lora"]
+    assert (lora["r"], lora["alpha"], lora["dropout"], lora["target_modules"]) == (16, 32, 0.05, "all-linear")
+    assert cfg["train"]["epochs"] == 2 and "complex generation" in out
+    assert cfg["data"]["max_len"] >= 64 and cfg["data"]["max_len"] % 64 == 0
+
+
+def test_large_multi_turn_gets_rank_32_rslora(tiny_model_dir, tmp_path, capsys):
+    data = _write(tmp_path / "large.jsonl", _chats(51_000))
+    cfg, out = _recommend(capsys, data, tiny_model_dir)
+    lora = cfg["lora"]
+    assert (lora["r"], lora["alpha"], lora["use_rslora"], lora["target_modules"]) == (32, 64, True, "all-linear")
+    assert cfg["train"]["epochs"] == 1 and "100% multi-turn" in out
+
+
+def _profile(n=2_000, p95=900):
+    return DataProfile(examples=n, multi_turn=0.0, length_p50=p95 // 2, length_p95=p95, length_max=p95 + 50,
+                       answer_p50=200, label_fraction=0.5)
+
+
+def test_qlora_and_checkpointing_are_chosen_only_when_needed():
+    data = DataConfig(path="train.jsonl")
+    roomy = recommend(_profile(), SMOL, "smollm2-135m", data, 64 * 2**30)
+    assert roomy.config["model"].get("quantize") is None and roomy.config["train"]["grad_checkpointing"] is False
+    assert roomy.config["train"]["batch_size"] == 16 and roomy.config["train"]["grad_accum"] == 1
+    tight = recommend(_profile(), SMOL, "smollm2-135m", data, 0.55 * 2**30)  # 0.50 GiB of fp32 weights alone
+    assert tight.config["model"]["quantize"] == "nf4"
+    assert tight.estimate.total <= 0.75 * 2**30
+    reasons = {k: why for k, _, why in tight.reasons}
+    assert "4-bit NF4" in reasons["model.quantize"]
+    with pytest.raises(LorakitError, match="even QLoRA"):
+        recommend(_profile(), SMOL, "smollm2-135m", data, 50 * 2**20)
+
+
+def test_recommend_bad_input(tmp_path, capsys, tiny_model_dir):
+    code = main(["recommend", "--data", str(tmp_path / "missing.jsonl"), "--model", str(tiny_model_dir),
+                 "--out", str(tmp_path / "r.yaml")])
+    assert code == 2 and "missing.jsonl" in capsys.readouterr().err
+    assert not (tmp_path / "r.yaml").exists()
