@@ -53,6 +53,16 @@ else:
     cfg = load_model_config(name)
 shape = shape_from_config(cfg)
 est = estimate_memory(shape, method, max(r, 1), "all-linear", batch, seq, ckpt, "fp32", "adamw")
+# Warm the compute runtime (thread pool, oneDNN/BLAS buffers, autograd engine) before the baseline:
+# that is framework overhead, which the estimate reports separately, not model memory.
+_w = torch.nn.Linear(256, 256)
+_o = torch.optim.AdamW(_w.parameters())
+for _ in range(2):
+    torch.nn.functional.scaled_dot_product_attention(*(torch.randn(1, 2, 64, 32, requires_grad=True) for _ in range(3)),
+                                                     is_causal=True).sum().backward()
+    _w(torch.randn(64, 256)).sum().backward()
+    _o.step()
+del _w, _o
 base = status("VmRSS")
 if name == "mid":
     model = transformers.LlamaForCausalLM(cfg)

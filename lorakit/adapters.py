@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .config import LoraConfig
+from .distributed import full_tensor
 from .errors import LorakitError
 from .inject import ModulesToSave, Target, adapter_modules, inject_adapter, plan_targets
 from .lora import LoraEmbedding, LoraLayer
@@ -114,7 +115,7 @@ def adapter_state_dict(model: nn.Module, name: str, config: LoraConfig) -> dict[
     for path, module in adapter_modules(model):
         if isinstance(module, LoraLayer) and name in module.lora_A:
             key_a, key_b = _lora_keys(path, module)
-            A, B = module.lora_A[name].detach(), module.lora_B[name].detach()
+            A, B = full_tensor(module.lora_A[name].detach()), full_tensor(module.lora_B[name].detach())
             if _is_pissa(module, name):
                 # Save PiSSA as a plain LoRA on the *original* W: s·(B·A − B0·A0) at rank 2r.
                 A = torch.cat([A, module.get_buffer(f"pissa_A0_{name}")], 0)
@@ -122,10 +123,10 @@ def adapter_state_dict(model: nn.Module, name: str, config: LoraConfig) -> dict[
             out[key_a], out[key_b] = A, B
         elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
             for pname, p in module.modules_to_save[name].named_parameters():
-                out[f"{PREFIX}{path}.{pname}"] = p.detach()
+                out[f"{PREFIX}{path}.{pname}"] = full_tensor(p.detach())
     if config.bias != "none":
         for pname, p in _trained_biases(model, config.bias).items():
-            out[PREFIX + pname] = p.detach()
+            out[PREFIX + pname] = full_tensor(p.detach())
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -159,11 +160,13 @@ def saved_targets(model: nn.Module, name: str, config: LoraConfig) -> list[str] 
                    if isinstance(m, LoraLayer) and name in m.lora_A})
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, name: str, config: LoraConfig, flat: bool = False) -> Path:
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str, config: LoraConfig, flat: bool = False,
+                 state: dict[str, Tensor] | None = None) -> Path:
     """Write adapter ``name`` to ``path`` (or ``path/name`` as PEFT does for names other than
-    'default', unless ``flat``) atomically; returns the folder."""
+    'default', unless ``flat``) atomically; returns the folder. ``state``: the tensors, when already
+    gathered (``adapter_state_dict``; a sharded model gathers on every rank, one rank writes)."""
     folder = Path(path) if flat else adapter_dir(path, name)
-    state = adapter_state_dict(model, name, config)
+    state = state if state is not None else adapter_state_dict(model, name, config)
     if not state:
         raise LorakitError(f"adapter {name!r} has no weights in this model; nothing to save")
     pissa = any(isinstance(m, LoraLayer) and name in m.lora_A and _is_pissa(m, name) for _, m in adapter_modules(model))

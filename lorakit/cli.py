@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -53,6 +54,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="= --model.double_quant")
     p.add_argument("--compute-dtype", dest="alias_compute_dtype", metavar="D", help="= --model.compute_dtype")
     p.add_argument("--optimizer", dest="alias_optimizer", metavar="O", help="= --train.optimizer")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train on N processes of this machine (starts torchrun; see docs/distributed.md)")
     from .config import RunConfig
 
     defaults = RunConfig().to_dict()
@@ -87,12 +90,34 @@ def _flag_overrides(args: argparse.Namespace) -> dict:
     return out
 
 
+def _launch_torchrun(args: argparse.Namespace) -> int:
+    """`lorakit train --nproc N ...` = `torchrun --standalone --nproc_per_node N -m lorakit train ...`."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in args.raw_argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "-m", "lorakit", *rest]
+    return subprocess.call(cmd)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_yaml, merge_nested, run_config_from_dict
     from .data.demo import DEMO_OVERRIDES
     from .report import print_train_summary
     from .train import train
 
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise LorakitError(f"--nproc must be at least 1, got {args.nproc}")
+        if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            return _launch_torchrun(args)
     file_cfg = load_yaml(args.config) if args.config else {}
     flags = _flag_overrides(args)
     layers: dict = {}
@@ -101,10 +126,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         layers = merge_nested(layers, DEMO_OVERRIDES)
     layers = merge_nested(merge_nested(layers, file_cfg), flags)
     cfg = run_config_from_dict(layers, args.config or "flags")
-    if uses_demo:
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone prints
+    if uses_demo and main_rank:
         print("no --data given: training on the built-in demo task (date normalisation + identity)")
     result = train(cfg)
-    print_train_summary(result, cfg)
+    if main_rank:
+        print_train_summary(result, cfg)
     return 130 if result.interrupted else 0
 
 
@@ -153,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    args.raw_argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return _all_commands()[args.command][2](args)
     except LorakitError as err:

@@ -266,6 +266,8 @@ class TrainConfig:
     """Resume from 'latest' or a checkpoint folder."""
     rank_schedule: Union[str, list, None] = None
     """Progressive rank: '2@0,8@200,16@600' (rank@step) or 'plateau:2,8,16' (grow when eval loss stalls); lora.r = the last rank."""
+    fsdp: bool = False
+    """Shard the base's decoder blocks (and their adapters) over the processes with FSDP2; needs torchrun / --nproc."""
     rank_patience: int = 2
     """Plateau schedule: evaluations without a 1% eval-loss improvement before the rank grows."""
 

@@ -32,10 +32,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h, t = hidden[s:s + chunk], targets[s:s + chunk]
             # fp32 here because a softmax over tens of thousands of classes loses mass in half precision.
             logits = F.linear(h, weight, bias).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            picked = logits.gather(1, t[:, None]).squeeze(1)
+            # log-sum-exp and softmax in place: torch.logsumexp would allocate two more (n, V)
+            # temporaries, and the chunk's logits are the largest tensors of the step.
+            top = logits.amax(dim=-1, keepdim=True)
+            g = logits.sub_(top).exp_()  # exp(x - max)
+            norm = g.sum(dim=-1, keepdim=True)
+            lse = (top + norm.log()).squeeze(1)
+            total += (lse - picked).sum()
             if need_h or need_w or need_b:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                g.div_(norm)  # softmax
                 g[torch.arange(g.shape[0], device=g.device), t] -= 1.0
                 if need_h:
                     grad_h[s:s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
@@ -43,6 +49,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w += g.t() @ h.float()
                 if need_b:
                     grad_b += g.sum(0)
+            del logits, g  # before the next chunk's logits exist: one chunk alive at a time
         ctx.save_for_backward(*(x for x in (grad_h, grad_w, grad_b) if x is not None))
         ctx.which = (need_h, need_w, need_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)

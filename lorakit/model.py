@@ -12,7 +12,7 @@ from typing import Any, Iterator, Sequence
 from torch import nn
 
 from .adapters import load_adapter as _load_adapter
-from .adapters import save_adapter
+from .adapters import adapter_state_dict, save_adapter
 from .combine import combine_adapters
 from .config import LoraConfig
 from .errors import LorakitError
@@ -143,13 +143,19 @@ class LoraModel(nn.Module):
         print(format_report(self.model))
 
     # ---- saving --------------------------------------------------------------------------
-    def save_pretrained(self, path: str | os.PathLike, adapters: Sequence[str] | None = None) -> Path:
-        """Write adapters in PEFT's format: 'default' in ``path``, others in ``path/<name>``."""
+    def save_pretrained(self, path: str | os.PathLike, adapters: Sequence[str] | None = None,
+                        states: dict[str, dict] | None = None) -> Path:
+        """Write adapters in PEFT's format: 'default' in ``path``, others in ``path/<name>``.
+        ``states``: {name: tensors} already gathered with :meth:`adapter_states` (sharded models)."""
         for name in adapters if adapters is not None else list(self.configs):
             if name not in self.configs:
                 raise LorakitError(f"unknown adapter {name!r}; loaded: {list(self.configs)}")
-            save_adapter(self.model, path, name, self.configs[name])
+            save_adapter(self.model, path, name, self.configs[name], state=(states or {}).get(name))
         return Path(path)
+
+    def adapter_states(self) -> dict[str, dict]:
+        """{name: PEFT tensors} for every adapter; on a sharded (FSDP) model every rank must call it."""
+        return {name: adapter_state_dict(self.model, name, config) for name, config in self.configs.items()}
 
     # ---- combining and merging -----------------------------------------------------------
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,

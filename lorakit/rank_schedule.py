@@ -129,7 +129,8 @@ def grow_adapter_rank(lm, name: str, r: int, optimizer: torch.optim.Optimizer | 
 
 class PlateauTracker:
     """Says when the eval loss has stopped improving: ``patience`` evaluations without a drop of
-    more than ``min_delta`` (relative) below the best so far."""
+    more than ``min_delta`` (relative) below the best so far. After a growth the count starts
+    again from the next evaluation."""
 
     def __init__(self, patience: int = 2, min_delta: float = 0.01) -> None:
         self.patience, self.min_delta = patience, min_delta
@@ -142,8 +143,8 @@ class PlateauTracker:
             return False
         self.waited += 1
         if self.waited >= self.patience:
-            self.waited = 0
-            self.best = loss
+            # The next evaluation, the first at the new rank, becomes the reference to beat.
+            self.waited, self.best = 0, math.inf
             return True
         return False
 

@@ -139,3 +139,12 @@ def plot_losses(path: Path, train: list[tuple[int, float]], evals: list[tuple[in
     finally:
         plt.close(fig)
         Path(tmp).unlink(missing_ok=True)
+
+
+class NullLog:
+    """What ranks other than 0 log in a distributed run: nothing."""
+
+    base_metrics: dict[str, float] = {}
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None

@@ -29,10 +29,11 @@ from .errors import LorakitError
 from .evaluate import eval_loss, exact_match, generate_answers, perplexity
 from .loss import causal_lm_loss_sum
 from .model import LoraModel, get_lora_model
-from .models import cache_root, load_model
+from .distributed import DistContext, full_tensor, init_distributed
+from .models import cache_root, load_model, resolve_device
 from .quant import prepare_for_kbit_training, quant_summary
 from .rank_schedule import PlateauTracker, grow_adapter_rank, parse_rank_schedule, stage_alpha
-from .runlog import RunLog, peak_memory_mb
+from .runlog import NullLog, RunLog, peak_memory_mb
 
 __all__ = ["train", "TrainResult", "lr_lambda", "build_optimizer"]
 
@@ -122,6 +123,17 @@ def _rank_schedule(cfg: RunConfig):
     return schedule
 
 
+def _check_fsdp(cfg: RunConfig, ctx: DistContext, resume_from, schedule) -> None:
+    if not ctx.enabled:
+        raise LorakitError("train.fsdp shards the model over several processes: start with --nproc N or torchrun")
+    if cfg.model.quantize != "none":
+        raise LorakitError("train.fsdp with a quantized base is not supported; use model.quantize none")
+    if schedule is not None:
+        raise LorakitError("train.fsdp cannot be combined with train.rank_schedule")
+    if resume_from is not None:
+        raise LorakitError("resuming an FSDP run is not supported (its optimizer state is sharded); start a new run")
+
+
 def _prepare_out_dir(out: Path, overwrite: bool, resume: str | None) -> None:
     if resume or not out.exists() or not any(out.iterdir()):
         return
@@ -147,7 +159,7 @@ def _evaluate(lm: LoraModel, tok, prepared, cfg: RunConfig, device, base: bool) 
         loss = eval_loss(lm.model, prepared.val, cfg.data.max_len, cfg.train.batch_size, tok.pad_token_id, device)
         out = {"eval_loss": loss, "eval_ppl": perplexity(loss)}
         answers: list[str] = []
-        if prepared.scorer is not None and prepared.val_chats:
+        if prepared.scorer is not None and prepared.val_chats and cfg.train.eval_samples > 0:
             chats = prepared.val_chats[: cfg.train.eval_samples]
             refs = [r for _, r in chats]
             longest = max(len(tok(r, add_special_tokens=False)["input_ids"]) for r in refs)
@@ -160,13 +172,24 @@ def _evaluate(lm: LoraModel, tok, prepared, cfg: RunConfig, device, base: bool) 
 def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None] = print) -> TrainResult:
     t_cfg, out = cfg.train, Path(cfg.train.out_dir)
     t_begin = time.perf_counter()
+    ctx = init_distributed(resolve_device(cfg.model.device))  # torchrun's process group, or a single process
+    try:
+        return _train(cfg, ctx, show_progress and ctx.is_main, echo if ctx.is_main else (lambda s: None), t_begin)
+    finally:
+        ctx.close()
+
+
+def _train(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable[[str], None],
+           t_begin: float) -> TrainResult:
+    t_cfg, out = cfg.train, Path(cfg.train.out_dir)
     _prepare_out_dir(out, t_cfg.overwrite, t_cfg.resume)
+    ctx.barrier()  # every rank has checked the folder before rank 0 writes to it
     resume_from = find_checkpoint(out, t_cfg.resume) if t_cfg.resume else None
     if resume_from is not None and cfg.lora.init.startswith("pissa"):
         # Checkpoints hold PiSSA adapters converted for the original weights (rank 2r), which the
         # optimizer state (rank r, on the residual weights) does not match.
         raise LorakitError("resuming a run with lora.init=pissa is not supported; restart it, or use init=default")
-    torch.set_num_threads(t_cfg.threads or _physical_cores())
+    torch.set_num_threads(t_cfg.threads or max(1, _physical_cores() // ctx.local_world))
     random.seed(t_cfg.seed)
     torch.manual_seed(t_cfg.seed)
 
@@ -195,9 +218,17 @@ def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     echo(lm.trainable_report()[0])
+    ctx.check_same(dump_yaml(cfg), "configs")
+    ctx.broadcast_params([p for p in lm.parameters() if p.requires_grad])
+    if t_cfg.fsdp:
+        _check_fsdp(cfg, ctx, resume_from, schedule)
+        echo(f"FSDP2: {ctx.shard_model(model)} decoder blocks sharded over {ctx.world} processes")
+    if ctx.enabled:
+        echo(f"distributed: {ctx.world} processes, global batch {ctx.world} × {t_cfg.grad_accum} × {t_cfg.batch_size} rows")
 
     batches_per_epoch = len(batch_plan(prepared.train, cfg.data.max_len, t_cfg.batch_size, cfg.data.packing, t_cfg.seed))
-    total_steps = t_cfg.max_steps or max(1, math.ceil(t_cfg.epochs * batches_per_epoch / t_cfg.grad_accum))
+    step_micro = t_cfg.grad_accum * ctx.world  # micro-batches per optimizer step, all ranks together
+    total_steps = t_cfg.max_steps or max(1, math.ceil(t_cfg.epochs * batches_per_epoch / step_micro))
     warmup = int(t_cfg.warmup * total_steps) if t_cfg.warmup < 1 else int(t_cfg.warmup)
     optimizer = build_optimizer(lm, t_cfg.lr, t_cfg.weight_decay, t_cfg.lora_plus_ratio, t_cfg.optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t_cfg.schedule, warmup, total_steps))
@@ -205,6 +236,9 @@ def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None
     progress = Progress(step=0, micro_batches=0, tokens=0, elapsed=0.0)
     if resume_from is not None:
         progress, state = load_trainer_state(resume_from)
+        if int(state.get("world", 1)) != ctx.world:
+            raise LorakitError(f"{resume_from} was written by a run on {int(state.get('world', 1))} process(es) and this one "
+                               f"has {ctx.world}: the data order depends on it; resume with the same number of processes")
         lm.delete_adapter("default")
         lm.load_adapter(resume_from / "adapter", "default", is_trainable=True)
         optimizer = build_optimizer(lm, t_cfg.lr, t_cfg.weight_decay, t_cfg.lora_plus_ratio, t_cfg.optimizer)
@@ -218,25 +252,38 @@ def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None
             plateau.load_state_dict(state["plateau"])
         set_rng_state(state["rng"])
         echo(f"resuming from {resume_from} at step {progress.step}")
-    if t_cfg.overwrite and resume_from is None and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     config_yaml = dump_yaml(cfg)
-    (out / "config.yaml").write_text(config_yaml)
-    log = RunLog(out, total_steps, progress.step, show_progress, t_cfg.plot, t_cfg.tensorboard, resumed=resume_from is not None)
+    if ctx.is_main:
+        if t_cfg.overwrite and resume_from is None and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_yaml)
+        log = RunLog(out, total_steps, progress.step, show_progress, t_cfg.plot, t_cfg.tensorboard,
+                     resumed=resume_from is not None)
+    else:
+        log = NullLog()
 
     before, base_answers = (dict(log.base_metrics), [])  # a resumed run reads the base scores from metrics.jsonl
-    if resume_from is None:
+    if resume_from is None and (ctx.is_main or ctx.fsdp):
         before, base_answers = _evaluate(lm, tok, prepared, cfg, device, base=True)
         log.eval(0, before, label="base")
+    ctx.barrier()
 
     def write_checkpoint() -> Path:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+        # A sharded optimizer state lives on every rank; FSDP runs keep the adapter only (no resume).
+        state = {"optimizer": {} if ctx.fsdp else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": rng_state(), "world": ctx.world, "fsdp": ctx.fsdp}
+        states = lm.adapter_states() if ctx.fsdp else None  # gathered on every rank
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
         if plateau is not None:
             state["plateau"] = plateau.state_dict()
-        return save_checkpoint(out, progress, lambda d: lm.save_pretrained(d), state, config_yaml, t_cfg.keep_last)
+        path = None
+        if ctx.is_main:  # every rank holds the same adapter and optimizer state
+            path = save_checkpoint(out, progress, lambda d: lm.save_pretrained(d, states=states), state, config_yaml,
+                                   t_cfg.keep_last)
+        ctx.barrier()
+        return path
 
     stop = {"signal": None}
 
@@ -275,29 +322,36 @@ def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None
     loss_value = float("nan")
     try:
         while progress.step < total_steps and stop["signal"] is None:
-            group: list[Batch] = [next(stream) for _ in range(t_cfg.grad_accum)]
-            n_labels = max(1, sum(b.n_labels for b in group))  # one mean over the whole optimizer step
+            group: list[Batch] = [next(stream) for _ in range(step_micro)]
+            n_labels = max(1, sum(b.n_labels for b in group))  # one mean over the whole optimizer step, all ranks
             step_loss = 0.0
+            mine = ctx.shard(group)
             with use_packed_attention(model) if cfg.data.packing else contextlib.nullcontext():
-                for batch in group:
+                for i, batch in enumerate(mine):
+                    ctx.gradient_sync(i == len(mine) - 1)  # FSDP: reduce-scatter once, on the last micro-batch
                     batch = batch.to(device)
                     with packed_positions(batch.position_ids):  # backward too: checkpointing recomputes attention
                         with autocast:
                             loss_sum, _ = causal_lm_loss_sum(model, batch.input_ids, batch.labels, batch.position_ids,
                                                              batch.attention_mask)
                         loss = loss_sum / n_labels
-                        (scaler.scale(loss) if scaler is not None else loss).backward()
+                        scaled = loss * ctx.loss_scale
+                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
                     step_loss += loss.item()
-                    progress.micro_batches += 1
-                    progress.tokens += batch.n_tokens
+            progress.micro_batches += len(group)
+            progress.tokens += sum(b.n_tokens for b in group)
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            ctx.reduce_grads(params)  # once per optimizer step: accumulation needs no extra all-reduce
+            step_loss, stopping = ctx.sum_values(step_loss, 1.0 if stop["signal"] is not None else 0.0)
+            if stopping and stop["signal"] is None:
+                stop["signal"] = "another rank"  # every rank leaves the loop at the same step
             if not math.isfinite(step_loss):
                 where = f"; the last good checkpoint is {last_good}" if last_good else ""
                 raise LorakitError(f"the training loss became {step_loss} at step {progress.step + 1}{where}. "
                                    "Lower train.lr, keep train.clip on, or check the data")
             if scaler is not None:
                 scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for g in optimizer.param_groups for p in g["params"]], t_cfg.clip if t_cfg.clip > 0 else float("inf"))
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, t_cfg.clip if t_cfg.clip > 0 else float("inf")))
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
@@ -314,10 +368,13 @@ def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None
             if schedule is not None and schedule.steps is not None and schedule.rank_at(progress.step) > lm.configs["default"].r:
                 grow(schedule.rank_at(progress.step), "scheduled")
             if t_cfg.eval_every and progress.step % t_cfg.eval_every == 0 and progress.step < total_steps:
-                scores = _evaluate(lm, tok, prepared, cfg, device, base=False)[0]
-                log.eval(progress.step, scores)
                 nxt = schedule.next_rank(lm.configs["default"].r) if plateau is not None else None
-                if nxt is not None and plateau.update(scores["eval_loss"]):
+                stalled = 0.0
+                if ctx.is_main or ctx.fsdp:  # a sharded model's forward needs every rank
+                    scores = _evaluate(lm, tok, prepared, cfg, device, base=False)[0]
+                    log.eval(progress.step, scores)
+                    stalled = float(nxt is not None and plateau.update(scores["eval_loss"]))
+                if ctx.sum_values(stalled)[0]:  # rank 0's decision, on every rank
                     grow(nxt, f"eval loss stalled for {t_cfg.rank_patience} evaluations")
             if t_cfg.save_every and progress.step % t_cfg.save_every == 0 and progress.step < total_steps:
                 last_good = write_checkpoint()
@@ -331,6 +388,11 @@ def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None
     interrupted = stop["signal"] is not None
     last_good = write_checkpoint()
     adapter_dir = out / "adapter"
+    if not ctx.is_main:  # rank 0 writes the adapter and evaluates
+        if ctx.fsdp and not interrupted:
+            _evaluate(lm, tok, prepared, cfg, device, base=False)  # the sharded forward needs this rank
+        return TrainResult(out, adapter_dir, progress.step, progress.tokens, time.perf_counter() - t_begin, train_s, tps,
+                           peak_memory_mb(device), loss_value, interrupted=interrupted)
     if interrupted:
         log.close()
         echo(f"interrupted at step {progress.step}/{total_steps}; checkpoint {last_good}. "

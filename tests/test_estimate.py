@@ -106,11 +106,11 @@ def test_activation_and_loss_terms_by_hand():
     tiny = shape_from_config(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2))
     e = estimate_memory(tiny, "lora", r=4, batch=1, seq=16)
-    # per token and layer: block input + norm out (2h), q_rot + k + v + attention out + o_proj input
-    # (3h + 2kv), residual + norm out (2h), gate/up/silu/product (4I), A·x for 7 adapters (7r); fp32
-    per_token = (7 * 64 + 2 * 32 + 4 * 128 + 7 * 4) * 4 * 2
+    # per token and layer: block input + norm out (2h), q_rot + k + v + attention out (= o_proj's
+    # input) (2h + 2kv), residual + norm out (2h), gate/up/silu/product (4I), A·x for 7 adapters (7r); fp32
+    per_token = (6 * 64 + 2 * 32 + 4 * 128 + 7 * 4) * 4 * 2
     assert e.components["activations"] == 16 * per_token
-    # two chunks' worth of fp32 logits (logits + logsumexp's temporary) + hidden and its gradient
-    assert e.components["loss (chunked logits)"] == 2 * 16 * 96 * 4 + 2 * 16 * 64 * 4
+    # one chunk of fp32 logits (softmax in place) + the label positions' hidden and its gradient
+    assert e.components["loss (chunked logits)"] == 16 * 96 * 4 + 2 * 16 * 64 * 4
     ck = estimate_memory(tiny, "lora", r=4, batch=1, seq=16, grad_ckpt=True)
     assert ck.components["activations"] == 16 * 4 * (2 * 64 + per_token // 8)  # block inputs + one block recomputed

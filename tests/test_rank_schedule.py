@@ -200,3 +200,22 @@ def test_cnn_conv_lora_merge_equals_unmerged():
         unmerged = lm(x)
         merged = lm.merge_and_unload()(x)
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_plateau_schedule_grows_when_eval_loss_stalls(tiny_model_dir, tmp_path, monkeypatch):
+    import lorakit.train as train_mod
+    from lorakit.train import train
+
+    losses = iter([1.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # a flat eval loss: every evaluation is a stall
+
+    def fake_evaluate(lm, tok, prepared, cfg, device, base):
+        return {"eval_loss": next(losses, 1.0), "eval_ppl": 2.7}, []
+
+    monkeypatch.setattr(train_mod, "_evaluate", fake_evaluate)
+    cfg = _train_cfg(tiny_model_dir, _rows(tmp_path), tmp_path / "run", rank_schedule="plateau:2,4,8", eval_every=1,
+                     rank_patience=1, max_steps=5)
+    res = train(cfg, show_progress=False, echo=lambda s: None)
+    events = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"event"' in x]
+    # step 1 sets the best loss, step 2 stalls -> 4, step 3 sets the new best, step 4 stalls -> 8
+    assert [(e["step"], e["rank"]) for e in events] == [(2, 4), (4, 8)]
+    assert json.loads((res.adapter_dir / "adapter_config.json").read_text())["r"] == 8

@@ -210,3 +210,24 @@ def test_resuming_a_pissa_run_is_refused_clearly(tiny_model_dir, tmp_path):
     with pytest.raises(LorakitError, match="lora.init=pissa is not supported"):
         train(cfg, show_progress=False, echo=lambda s: None)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+
+
+def test_eval_samples_zero_skips_generation_scoring(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import LoraConfig, get_lora_model
+    from lorakit.data.dataset import Prepared
+    from lorakit.data.templates import encode_example
+    from lorakit.models import load_tokenizer
+    from lorakit.train import _evaluate
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    chat = [{"role": "user", "content": "hi"}]
+    enc = encode_example({"messages": chat + [{"role": "assistant", "content": "yo"}]}, "chatml", tok)
+    prepared = Prepared([enc], [enc], "chatml", val_chats=[(chat, "yo")], scorer=lambda a, b: a == b)
+    lm = get_lora_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=2))
+    cfg = _cfg(tiny_model_dir, _data(tmp_path), tmp_path / "run", eval_samples=0)
+    scores, answers = _evaluate(lm, tok, prepared, cfg, torch.device("cpu"), base=False)
+    assert "exact_match" not in scores and answers == [] and scores["eval_loss"] > 0
+    cfg = _cfg(tiny_model_dir, _data(tmp_path), tmp_path / "run", eval_samples=1)
+    assert "exact_match" in _evaluate(lm, tok, prepared, cfg, torch.device("cpu"), base=False)[0]
