@@ -1,0 +1,194 @@
+"""lorakit against PEFT + transformers Trainer: the same model, data, LoRA and optimizer steps.
+
+    .venv/bin/python bench/vs_peft_trainer.py [--steps 12] [--sets demo,varlen] [--out /tmp/vs-peft]
+
+Three ways to train SmolLM2-135M-Instruct with r=16, α=32, all-linear, lr 2e-4 (cosine, 10%
+warm-up), batch 4, fp32 on CPU, for --steps optimizer steps:
+
+- lorakit: `lorakit train` with its defaults (packing with per-document attention, loss at the
+  answer tokens only, chunked);
+- seed recipe: PEFT `get_peft_model` + `Trainer` with `DataCollatorForLanguageModeling(mlm=False)`
+  on the chat-formatted text (padding to the longest row, loss on every token) — what the
+  seeds run;
+- PEFT padding-free: the same with `DataCollatorWithFlattening` (rows concatenated, position ids
+  restart per example; transformers builds the per-document mask from them).
+
+Each runs in its own process (peak RSS from wait4, loading included), one after another. The
+reported tokens/s counts non-padding tokens of the training loop only. Every final adapter is
+then scored the same way: lorakit's eval loss on the held-out answers.
+
+Data: "demo" is the built-in demo task; "varlen" is generated here — reversing lists of words,
+lengths spread like chat data (log-normal, ~20 to ~1,000 tokens).
+
+STATUS (first version, issue "performance"): "batch 4" does not mean the same work yet. For the
+Trainer peers it is 4 examples per step (~600 tokens on varlen); for lorakit it is 4 packed rows
+of max_len tokens (~4,000 tokens), so tokens/s is comparable but peak memory and the eval loss
+after the same steps are not. Equalising the tokens per step is the next step before its figures
+go into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODEL = "smollm2-135m"
+WORDS = ("apple river stone cloud paper light green tower night field glass music table water north "
+         "silver window garden bridge winter summer forest yellow orange planet rocket little quiet").split()
+
+
+def varlen_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        k = max(3, min(420, int(rng.lognormvariate(math.log(60), 0.9))))
+        items = [rng.choice(WORDS) for _ in range(k)]
+        rows.append({"messages": [{"role": "user", "content": "Reverse this list: " + " ".join(items)},
+                                  {"role": "assistant", "content": " ".join(reversed(items))}]})
+    return rows
+
+
+def demo_rows() -> tuple[list[dict], list[dict]]:
+    from lorakit.data.demo import demo_examples
+
+    train, val = demo_examples(n_val=48)
+    return [{"messages": ex["messages"]} for ex in train], [{"messages": ex["messages"]} for ex in val]
+
+
+def write_sets(out: Path) -> dict[str, tuple[Path, Path]]:
+    out.mkdir(parents=True, exist_ok=True)
+    sets = {"demo": demo_rows(), "varlen": (varlen_rows(400, 1), varlen_rows(40, 2))}
+    paths = {}
+    for name, (train, val) in sets.items():
+        paths[name] = (out / f"{name}-train.jsonl", out / f"{name}-val.jsonl")
+        for rows, path in zip((train, val), paths[name]):
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
+# ---- workers (one process each) ----------------------------------------------------------
+
+def _held_out_loss(model, tok, val_path: Path, max_len: int) -> float:
+    import torch
+
+    from lorakit.config import DataConfig
+    from lorakit.data.dataset import prepare_data
+    from lorakit.evaluate import eval_loss
+
+    prepared = prepare_data(DataConfig(path=str(val_path), val_size=0, max_len=max_len, cache=False), tok, 0)
+    return eval_loss(model, prepared.train, max_len, 4, tok.pad_token_id, torch.device("cpu"))
+
+
+def worker_lorakit(train_path: Path, val_path: Path, steps: int, max_len: int, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "lorakit", "train", "--model", MODEL, "--data", str(train_path), "--out", str(out),
+           "--overwrite", "--lora.r", "16", "--lora.alpha", "32", "--train.lr", "2e-4", "--train.batch_size", "4",
+           "--train.max_steps", str(steps), "--train.warmup", "0.1", "--data.max_len", str(max_len),
+           "--data.val_size", "0", "--train.eval_samples", "0", "--train.plot", "false", "--train.save_every", "0"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(done.stderr[-3000:])
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"tokens_per_s"' in x]
+    from lorakit.model import LoraModel
+    from lorakit.models import load_model
+
+    base, tok = load_model(MODEL, "cpu")
+    lm = LoraModel.from_pretrained(base, out / "adapter")
+    return {"tokens_per_s": rows[-1]["tokens_per_s"], "eval_loss": _held_out_loss(lm.model, tok, val_path, max_len)}
+
+
+def worker_peft(train_path: Path, val_path: Path, steps: int, max_len: int, out: Path, padding_free: bool) -> dict:
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import DataCollatorForLanguageModeling, DataCollatorWithFlattening, Trainer, TrainingArguments
+
+    from lorakit.models import load_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, tok = load_model(MODEL, "cpu")
+    model = get_peft_model(model, PeftLoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+    texts = [tok.apply_chat_template(json.loads(x)["messages"], tokenize=False) for x in train_path.read_text().splitlines()]
+    rows = [{"input_ids": tok(t, add_special_tokens=False, truncation=True, max_length=max_len)["input_ids"]} for t in texts]
+    counted = {"tokens": 0}
+    inner = DataCollatorWithFlattening() if padding_free else DataCollatorForLanguageModeling(tok, mlm=False)
+
+    def collate(features):
+        counted["tokens"] += sum(len(f["input_ids"]) for f in features)  # non-padding tokens
+        return inner(features)
+
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, learning_rate=2e-4, max_steps=steps,
+                             lr_scheduler_type="cosine", warmup_steps=int(0.1 * steps),  # = lorakit warmup 0.1 logging_steps=max(1, steps), save_strategy="no",
+                             report_to=[], use_cpu=True, dataloader_num_workers=0, seed=42, remove_unused_columns=False,
+                             max_grad_norm=1.0, optim="adamw_torch")
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
+    t0 = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - t0
+    return {"tokens_per_s": counted["tokens"] / train_s,
+            "eval_loss": _held_out_loss(model.get_base_model(), tok, val_path, max_len)}
+
+
+def run_worker(kind: str, data: tuple[Path, Path], steps: int, max_len: int, out: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--train-file", str(data[0]), "--val-file", str(data[1]),
+           "--steps", str(steps), "--max-len", str(max_len), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--sets", default="demo,varlen")
+    ap.add_argument("--out", default="/tmp/vs-peft")
+    ap.add_argument("--worker", default=None)
+    ap.add_argument("--train-file", default=None)
+    ap.add_argument("--val-file", default=None)
+    ap.add_argument("--max-len", type=int, default=1024)
+    args = ap.parse_args()
+    if args.worker:
+        import resource
+
+        train, val, out = Path(args.train_file), Path(args.val_file), Path(args.out)
+        if args.worker == "lorakit":
+            res = worker_lorakit(train, val, args.steps, args.max_len, out)
+            child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the `lorakit train` process
+            res["peak_rss_mib"] = child / 1024
+        else:
+            res = worker_peft(train, val, args.steps, args.max_len, out, padding_free=args.worker == "peft-padfree")
+            res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(res))
+        return
+
+    out = Path(args.out)
+    paths = write_sets(out)
+    print(f"# {platform.machine()}, {os.cpu_count()} cpus, {args.steps} steps, batch 4, fp32 CPU", flush=True)
+    lines = ["| data | trainer | tokens/s | vs seed recipe | peak RSS MiB | vs seed recipe | held-out eval loss |",
+             "|---|---|---|---|---|---|---|"]
+    for name in args.sets.split(","):
+        max_len = 256 if name == "demo" else 1024
+        results = {}
+        for kind in ("seed", "peft-padfree", "lorakit"):
+            results[kind] = run_worker(kind, paths[name], args.steps, max_len, out / f"{name}-{kind}")
+            print(f"{name} {kind}: {results[kind]}", flush=True)
+        seed = results["seed"]
+        for kind, label in (("seed", "PEFT + Trainer (seed recipe)"), ("peft-padfree", "PEFT + Trainer, padding-free"),
+                            ("lorakit", "lorakit")):
+            r = results[kind]
+            lines.append(f"| {name} | {label} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / seed['tokens_per_s']:.2f}× | "
+                         f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] / seed['peak_rss_mib']:.2f}× | {r['eval_loss']:.4f} |")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
