@@ -5,8 +5,8 @@
 Three ways to train SmolLM2-135M-Instruct with r=16, α=32, all-linear, lr 2e-4 (cosine, 10%
 warm-up), batch 4, fp32 on CPU, for --steps optimizer steps:
 
-- lorakit: `lorakit train` with its defaults (packing with per-document attention, loss at the
-  answer tokens only, chunked);
+- lorakit: `lorakit train` (loss at the answer tokens only, chunked), without packing (4
+  examples per step, padded) and with packing (per-document attention);
 - seed recipe: PEFT `get_peft_model` + `Trainer` with `DataCollatorForLanguageModeling(mlm=False)`
   on the chat-formatted text (padding to the longest row, loss on every token) — what the
   seeds run;
@@ -20,11 +20,10 @@ then scored the same way: lorakit's eval loss on the held-out answers.
 Data: "demo" is the built-in demo task; "varlen" is generated here — reversing lists of words,
 lengths spread like chat data (log-normal, ~20 to ~1,000 tokens).
 
-STATUS (first version, issue "performance"): "batch 4" does not mean the same work yet. For the
-Trainer peers it is 4 examples per step (~600 tokens on varlen); for lorakit it is 4 packed rows
-of max_len tokens (~4,000 tokens), so tokens/s is comparable but peak memory and the eval loss
-after the same steps are not. Equalising the tokens per step is the next step before its figures
-go into docs/benchmarks.md.
+Work per step: the Trainer runs and "lorakit, 4 examples/step" (packing off) take the same 4
+examples per step; "lorakit, packed" takes one packed row of max_len tokens per step (more
+tokens per step than 4 examples on varlen, fewer on demo), so compare its tokens/s, not its
+memory or eval loss, with the others.
 """
 
 from __future__ import annotations
@@ -87,9 +86,13 @@ def _held_out_loss(model, tok, val_path: Path, max_len: int) -> float:
     return eval_loss(model, prepared.train, max_len, 4, tok.pad_token_id, torch.device("cpu"))
 
 
-def worker_lorakit(train_path: Path, val_path: Path, steps: int, max_len: int, out: Path) -> dict:
+def worker_lorakit(train_path: Path, val_path: Path, steps: int, max_len: int, out: Path, packing: bool) -> dict:
+    # Without packing: 4 examples per step, like the Trainer runs. With packing: one row of max_len
+    # tokens per step (several examples; ~1,000 tokens against the Trainer's ~600 on varlen).
+    batch = ["--train.batch_size", "1", "--data.packing", "true"] if packing else \
+        ["--train.batch_size", "4", "--data.packing", "false"]
     cmd = [sys.executable, "-m", "lorakit", "train", "--model", MODEL, "--data", str(train_path), "--out", str(out),
-           "--overwrite", "--lora.r", "16", "--lora.alpha", "32", "--train.lr", "2e-4", "--train.batch_size", "4",
+           "--overwrite", "--lora.r", "16", "--lora.alpha", "32", "--train.lr", "2e-4", *batch,
            "--train.max_steps", str(steps), "--train.warmup", "0.1", "--data.max_len", str(max_len),
            "--data.val_size", "0", "--train.eval_samples", "0", "--train.plot", "false", "--train.save_every", "0"]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -160,8 +163,8 @@ def main() -> None:
         import resource
 
         train, val, out = Path(args.train_file), Path(args.val_file), Path(args.out)
-        if args.worker == "lorakit":
-            res = worker_lorakit(train, val, args.steps, args.max_len, out)
+        if args.worker.startswith("lorakit"):
+            res = worker_lorakit(train, val, args.steps, args.max_len, out, packing=args.worker == "lorakit-packed")
             child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the `lorakit train` process
             res["peak_rss_mib"] = child / 1024
         else:
@@ -178,12 +181,12 @@ def main() -> None:
     for name in args.sets.split(","):
         max_len = 256 if name == "demo" else 1024
         results = {}
-        for kind in ("seed", "peft-padfree", "lorakit"):
+        for kind in ("seed", "peft-padfree", "lorakit", "lorakit-packed"):
             results[kind] = run_worker(kind, paths[name], args.steps, max_len, out / f"{name}-{kind}")
             print(f"{name} {kind}: {results[kind]}", flush=True)
         seed = results["seed"]
         for kind, label in (("seed", "PEFT + Trainer (seed recipe)"), ("peft-padfree", "PEFT + Trainer, padding-free"),
-                            ("lorakit", "lorakit")):
+                            ("lorakit", "lorakit, 4 examples/step"), ("lorakit-packed", "lorakit, packed (1 row/step)")):
             r = results[kind]
             lines.append(f"| {name} | {label} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / seed['tokens_per_s']:.2f}× | "
                          f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] / seed['peak_rss_mib']:.2f}× | {r['eval_loss']:.4f} |")
