@@ -24,7 +24,7 @@ from .errors import LorakitError
 from .lora import LoraLayer
 
 __all__ = ["QUANT_CHOICES", "QuantSpec", "require_bnb", "nf4_code", "is_quantized", "quantized_layers",
-           "quantize_model", "quantize_linear", "dequantize_weight", "dequantize_layer", "dequantize_model", "prepare_for_kbit_training",
+           "quantize_model", "quantize_linear", "spec_of", "dequantize_weight", "dequantize_layer", "dequantize_model", "prepare_for_kbit_training",
            "storage_bytes", "requantize_error", "has_quantized_layers", "quant_summary", "hf_quantization_config"]
 
 
@@ -123,45 +123,56 @@ def _skip_paths(model: nn.Module) -> set[str]:
 
 
 def _release_freed_memory() -> None:
-    """Return freed heap pages to the OS (glibc keeps them otherwise, and RSS never drops)."""
+    """Return freed heap pages to the OS (glibc keeps them otherwise, and RSS never drops).
+    Other C libraries have no malloc_trim and return large blocks on their own."""
     import ctypes
+    import ctypes.util
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to do
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    if trim is not None:
+        trim(0)
 
 
-def quantize_model(model: nn.Module, spec: QuantSpec, device: torch.device | str | None = None,
-                   skip: tuple[str, ...] = ()) -> int:
-    """Quantize every ``nn.Linear`` of ``model`` in place except the output head and names ending in
-    ``skip``, onto ``device`` (default: where each weight is); returns how many. Layers are replaced one at a time, so the float copies are freed as
-    they go. GPT-2's Conv1D and other non-Linear layers stay as they are."""
+def _quantize_in_place(model: nn.Module, name: str, spec: QuantSpec, device) -> None:
+    # One layer per call: the float layer is no longer referenced once this returns.
+    parent, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    setattr(owner, leaf, quantize_linear(getattr(owner, leaf), spec, device))
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec, device: torch.device | str | None = None) -> int:
+    """Quantize every ``nn.Linear`` of ``model`` in place except the output head, onto ``device``
+    (default: where each weight is); returns how many. Layers are replaced one at a time, so the
+    float copies are freed as they go. GPT-2's Conv1D and other non-Linear layers stay as they are."""
     if spec.method not in QUANT_CHOICES or spec.method == "none":
         raise LorakitError(f"quantize must be one of {', '.join(QUANT_CHOICES[1:])}, got {spec.method!r}")
     require_bnb()
     skipped = _skip_paths(model)
-    targets = [(name, m) for name, m in model.named_modules()
-               if type(m) is nn.Linear and name not in skipped and not any(name.endswith(s) for s in skip)]
-    quantized = {id(m.weight) for _, m in targets} | {id(m.bias) for _, m in targets if m.bias is not None}
+    targets = [name for name, m in model.named_modules() if type(m) is nn.Linear and name not in skipped]
+    linears = [model.get_submodule(name) for name in targets]
+    quantized = {id(t) for m in linears for t in (m.weight, m.bias) if t is not None}
+    del linears
     for tensor in [*model.parameters(), *model.buffers()]:
         if id(tensor) not in quantized and tensor.device.type == "cpu":
             # Own the float tensors that stay: a model loaded from safetensors holds views of the
             # memory-mapped file, and the mapping (the float32 size of every weight, once read) is
             # only released when no view of it is left.
             tensor.data = tensor.data.clone()
-    for name, linear in targets:
-        parent, _, leaf = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, leaf, quantize_linear(linear, spec, device))
-    linear = None
-    count = len(targets)
-    del targets
+    for name in targets:
+        _quantize_in_place(model, name, spec, device)
     _release_freed_memory()
-    model.lorakit_quant = spec  # what load/merge/report read back
-    return count
+    return len(targets)
+
+
+def spec_of(layer: nn.Module) -> QuantSpec:
+    """The QuantSpec a quantized layer was built with (read back from the layer itself)."""
+    bnb = require_bnb()
+    if not isinstance(layer, bnb.nn.Linear4bit):
+        return QuantSpec("int8", False)
+    return QuantSpec(layer.weight.quant_type, bool(layer.weight.compress_statistics), layer.compute_dtype)
 
 
 def dequantize_weight(module: nn.Module) -> Tensor:
@@ -196,8 +207,6 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> in
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, leaf, dequantize_layer(module, dtype))
         done += 1
-    if hasattr(model, "lorakit_quant"):
-        del model.lorakit_quant
     return done
 
 
@@ -264,8 +273,7 @@ def quant_summary(model: nn.Module) -> str:
         return "no quantized layers"
     stored = sum(storage_bytes(m) for m in layers)
     fp32 = sum(4 * m.in_features * m.out_features for m in layers)
-    spec = getattr(model, "lorakit_quant", None)
-    how = spec.describe() if spec is not None else "quantized"
+    how = spec_of(layers[0]).describe()
     return (f"{len(layers)} linear layers {how}: {stored / 2**20:.1f} MiB "
             f"({fp32 / 2**20:.1f} MiB in float32, {stored / fp32:.3f}×)")
 

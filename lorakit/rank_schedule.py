@@ -104,21 +104,18 @@ def _move_state(optimizer: torch.optim.Optimizer, old: torch.Tensor, new: torch.
     optimizer.state[new] = moved
 
 
-def grow_adapter_rank(lm, name: str, r: int, optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Grow adapter ``name`` of LoraModel ``lm`` to rank ``r`` everywhere (α per ``stage_alpha``
-    against the final rank kept in ``lm.rank_final``); returns how many layers grew."""
+def grow_adapter_rank(lm, name: str, r: int, r_final: int, alpha_final: float,
+                      optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Grow adapter ``name`` of LoraModel ``lm`` to rank ``r`` everywhere, with the α that keeps the
+    scaling of the schedule's final stage (``r_final``, ``alpha_final``); returns how many layers grew."""
     config = lm.configs[name]
     if optimizer is not None and "8bit" in type(optimizer).__name__.lower():
         raise LorakitError("a rank schedule needs train.optimizer adamw (8-bit optimizer states cannot be resized)")
-    r_final = getattr(lm, "rank_final", {}).get(name, r)
-    final_alpha = getattr(lm, "alpha_final", {}).get(name, config.alpha)
-    alpha = stage_alpha(final_alpha, r, r_final, config.use_rslora)
+    alpha = stage_alpha(alpha_final, r, r_final, config.use_rslora)
     grown = 0
     for module in lm.model.modules():
         if isinstance(module, LoraLayer) and name in module.lora_A and module.r[name] < r:
-            scaling = module.scaling[name]
-            (old_a, new_a), (old_b, new_b) = module.grow_adapter(name, r, alpha)
-            module.scaling[name] = scaling  # unchanged by construction; kept exact (no float round trip)
+            (old_a, new_a), (old_b, new_b) = module.grow_adapter(name, r, alpha)  # scaling is left as it is
             if optimizer is not None:
                 _move_state(optimizer, old_a, new_a)
                 _move_state(optimizer, old_b, new_b)

@@ -211,14 +211,13 @@ def _train(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
     lora_cfg = cfg.lora if schedule is None else replace(
         cfg.lora, r=schedule.first, alpha=stage_alpha(cfg.lora.alpha, schedule.first, schedule.final, cfg.lora.use_rslora))
     lm = get_lora_model(model, lora_cfg)
-    if schedule is not None:
-        lm.rank_final, lm.alpha_final = {"default": schedule.final}, {"default": cfg.lora.alpha}
     plateau = PlateauTracker(t_cfg.rank_patience) if schedule is not None and schedule.steps is None else None
     if t_cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     echo(lm.trainable_report()[0])
-    ctx.check_same(dump_yaml(cfg), "configs")
+    config_yaml = dump_yaml(cfg)
+    ctx.check_same(config_yaml, "configs")
     ctx.broadcast_params([p for p in lm.parameters() if p.requires_grad])
     if t_cfg.fsdp:
         _check_fsdp(cfg, ctx, resume_from, schedule)
@@ -252,7 +251,6 @@ def _train(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
             plateau.load_state_dict(state["plateau"])
         set_rng_state(state["rng"])
         echo(f"resuming from {resume_from} at step {progress.step}")
-    config_yaml = dump_yaml(cfg)
     if ctx.is_main:
         if t_cfg.overwrite and resume_from is None and out.exists():
             shutil.rmtree(out)
@@ -309,7 +307,7 @@ def _train(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
 
     def grow(r: int, why: str) -> None:
         r0 = lm.configs["default"].r
-        layers = grow_adapter_rank(lm, "default", r, optimizer)
+        layers = grow_adapter_rank(lm, "default", r, schedule.final, cfg.lora.alpha, optimizer)
         lm.train()
         log.event(progress.step, f"rank {r0} -> {r} in {layers} layers ({why})", rank=r)
 

@@ -21,7 +21,6 @@ def _trained_llama(r=2, alpha=16.0, rslora=False, r_final=8):
     model = tiny_llama()
     cfg = LoraConfig(r=r, alpha=stage_alpha(alpha, r, r_final, rslora), use_rslora=rslora, target_modules="all-linear")
     lm = get_lora_model(model, cfg)
-    lm.rank_final, lm.alpha_final = {"default": r_final}, {"default": alpha}
     opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(3, 96, (2, 12))
     lm.train()
@@ -42,7 +41,7 @@ def test_growth_keeps_the_output_and_the_old_slice_of_adam_state(rslora):
     old_A, old_B = layer.lora_A["default"].detach().clone(), layer.lora_B["default"].detach().clone()
     state_A = {k: v.clone() for k, v in opt.state[layer.lora_A["default"]].items()}
     scaling = layer.scaling["default"]
-    grown = grow_adapter_rank(lm, "default", 8, opt)
+    grown = grow_adapter_rank(lm, "default", 8, 8, 16.0, opt)
     assert grown == 14 and layer.r["default"] == 8 and layer.scaling["default"] == scaling
     with torch.no_grad():
         torch.testing.assert_close(lm(input_ids=ids).logits, before, atol=1e-6, rtol=0)
@@ -64,7 +63,7 @@ def test_growth_keeps_the_output_and_the_old_slice_of_adam_state(rslora):
 def test_grown_adapter_round_trips_through_peft(tmp_path):
     peft = pytest.importorskip("peft")
     lm, opt, ids = _trained_llama()
-    grow_adapter_rank(lm, "default", 8, opt)
+    grow_adapter_rank(lm, "default", 8, 8, 16.0, opt)
     lm.save_pretrained(tmp_path / "a")
     saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert saved["r"] == 8 and saved["lora_alpha"] == pytest.approx(16.0)
