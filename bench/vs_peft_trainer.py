@@ -2,16 +2,19 @@
 
     .venv/bin/python bench/vs_peft_trainer.py [--steps 12] [--sets demo,varlen] [--out /tmp/vs-peft]
 
-Three ways to train SmolLM2-135M-Instruct with r=16, α=32, all-linear, lr 2e-4 (cosine, 10%
-warm-up), batch 4, fp32 on CPU, for --steps optimizer steps:
+Ways to train SmolLM2-135M-Instruct with r=16, α=32, all-linear, lr 2e-4 (cosine, 10% warm-up),
+batch 4, on CPU, for --steps optimizer steps:
 
 - lorakit: `lorakit train` (loss at the answer tokens only, chunked), without packing (4
-  examples per step, padded) and with packing (per-document attention);
+  examples per step, padded) and with packing (per-document attention); at its default
+  precision (bf16 autocast and a bf16 base where the CPU multiplies bf16 natively, fp32
+  elsewhere) and, packed, forced to fp32;
 - seed recipe: PEFT `get_peft_model` + `Trainer` with `DataCollatorForLanguageModeling(mlm=False)`
-  on the chat-formatted text (padding to the longest row, loss on every token) — what the
+  on the chat-formatted text (padding to the longest row, loss on every token), fp32 — what the
   seeds run;
 - PEFT padding-free: the same with `DataCollatorWithFlattening` (rows concatenated, position ids
-  restart per example; transformers builds the per-document mask from them).
+  restart per example; transformers builds the per-document mask from them), in fp32 and with
+  its best precision settings (`bf16=True` with the base loaded in bf16).
 
 Each runs in its own process (peak RSS from wait4, loading included), one after another. The
 reported tokens/s counts non-padding tokens of the training loop only. Every final adapter is
@@ -86,11 +89,13 @@ def _held_out_loss(model, tok, val_path: Path, max_len: int) -> float:
     return eval_loss(model, prepared.train, max_len, 4, tok.pad_token_id, torch.device("cpu"))
 
 
-def worker_lorakit(train_path: Path, val_path: Path, steps: int, max_len: int, out: Path, packing: bool) -> dict:
+def worker_lorakit(train_path: Path, val_path: Path, steps: int, max_len: int, out: Path, packing: bool,
+                   precision: str = "auto") -> dict:
     # Without packing: 4 examples per step, like the Trainer runs. With packing: one row of max_len
     # tokens per step (several examples; ~1,000 tokens against the Trainer's ~600 on varlen).
     batch = ["--train.batch_size", "1", "--data.packing", "true"] if packing else \
         ["--train.batch_size", "4", "--data.packing", "false"]
+    batch += ["--train.precision", precision]
     cmd = [sys.executable, "-m", "lorakit", "train", "--model", MODEL, "--data", str(train_path), "--out", str(out),
            "--overwrite", "--lora.r", "16", "--lora.alpha", "32", "--train.lr", "2e-4", *batch,
            "--train.max_steps", str(steps), "--train.warmup", "0.1", "--data.max_len", str(max_len),
@@ -107,7 +112,8 @@ def worker_lorakit(train_path: Path, val_path: Path, steps: int, max_len: int, o
     return {"tokens_per_s": rows[-1]["tokens_per_s"], "eval_loss": _held_out_loss(lm.model, tok, val_path, max_len)}
 
 
-def worker_peft(train_path: Path, val_path: Path, steps: int, max_len: int, out: Path, padding_free: bool) -> dict:
+def worker_peft(train_path: Path, val_path: Path, steps: int, max_len: int, out: Path, padding_free: bool,
+                bf16: bool = False) -> dict:
     import torch
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -116,7 +122,7 @@ def worker_peft(train_path: Path, val_path: Path, steps: int, max_len: int, out:
     from lorakit.models import load_model
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model, tok = load_model(MODEL, "cpu")
+    model, tok = load_model(MODEL, "cpu", "bfloat16" if bf16 else "float32")
     model = get_peft_model(model, PeftLoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
     texts = [tok.apply_chat_template(json.loads(x)["messages"], tokenize=False) for x in train_path.read_text().splitlines()]
@@ -131,13 +137,23 @@ def worker_peft(train_path: Path, val_path: Path, steps: int, max_len: int, out:
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, learning_rate=2e-4, max_steps=steps,
                              lr_scheduler_type="cosine", warmup_steps=int(0.1 * steps),  # = lorakit warmup 0.1 logging_steps=max(1, steps), save_strategy="no",
                              report_to=[], use_cpu=True, dataloader_num_workers=0, seed=42, remove_unused_columns=False,
-                             max_grad_norm=1.0, optim="adamw_torch")
+                             max_grad_norm=1.0, optim="adamw_torch", bf16=bf16)
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
     return {"tokens_per_s": counted["tokens"] / train_s,
             "eval_loss": _held_out_loss(model.get_base_model(), tok, val_path, max_len)}
+
+
+KINDS = {
+    "seed": "PEFT + Trainer (seed recipe), fp32",
+    "peft-padfree": "PEFT + Trainer, padding-free, fp32",
+    "peft-padfree-bf16": "PEFT + Trainer, padding-free, bf16 (`bf16=True`, bf16 base)",
+    "lorakit-packed-fp32": "lorakit, packed (1 row/step), fp32",
+    "lorakit": "lorakit, 4 examples/step, default precision",
+    "lorakit-packed": "lorakit, packed (1 row/step), default precision",
+}
 
 
 def run_worker(kind: str, data: tuple[Path, Path], steps: int, max_len: int, out: Path) -> dict:
@@ -164,29 +180,35 @@ def main() -> None:
 
         train, val, out = Path(args.train_file), Path(args.val_file), Path(args.out)
         if args.worker.startswith("lorakit"):
-            res = worker_lorakit(train, val, args.steps, args.max_len, out, packing=args.worker == "lorakit-packed")
+            res = worker_lorakit(train, val, args.steps, args.max_len, out, packing="packed" in args.worker,
+                                 precision="fp32" if args.worker.endswith("fp32") else "auto")
             child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the `lorakit train` process
             res["peak_rss_mib"] = child / 1024
         else:
-            res = worker_peft(train, val, args.steps, args.max_len, out, padding_free=args.worker == "peft-padfree")
+            res = worker_peft(train, val, args.steps, args.max_len, out, padding_free=args.worker.startswith("peft-padfree"),
+                              bf16=args.worker.endswith("bf16"))
             res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(res))
         return
 
     out = Path(args.out)
     paths = write_sets(out)
-    print(f"# {platform.machine()}, {os.cpu_count()} cpus, {args.steps} steps, batch 4, fp32 CPU", flush=True)
+    from lorakit.models import native_bf16
+
+    import torch
+
+    print(f"# {platform.machine()}, {os.cpu_count()} cpus, {args.steps} steps, batch 4, CPU "
+          f"(native bf16 matmuls: {'yes' if native_bf16(torch.device('cpu')) else 'no'})", flush=True)
     lines = ["| data | trainer | tokens/s | vs seed recipe | peak RSS MiB | vs seed recipe | held-out eval loss |",
              "|---|---|---|---|---|---|---|"]
     for name in args.sets.split(","):
         max_len = 256 if name == "demo" else 1024
         results = {}
-        for kind in ("seed", "peft-padfree", "lorakit", "lorakit-packed"):
+        for kind in KINDS:
             results[kind] = run_worker(kind, paths[name], args.steps, max_len, out / f"{name}-{kind}")
             print(f"{name} {kind}: {results[kind]}", flush=True)
         seed = results["seed"]
-        for kind, label in (("seed", "PEFT + Trainer (seed recipe)"), ("peft-padfree", "PEFT + Trainer, padding-free"),
-                            ("lorakit", "lorakit, 4 examples/step"), ("lorakit-packed", "lorakit, packed (1 row/step)")):
+        for kind, label in KINDS.items():
             r = results[kind]
             lines.append(f"| {name} | {label} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / seed['tokens_per_s']:.2f}× | "
                          f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] / seed['peak_rss_mib']:.2f}× | {r['eval_loss']:.4f} |")

@@ -36,6 +36,23 @@ def document_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return spans
 
 
+# bf16 flash attention on CPU is slower than fp32 on short sequences (measured with 9 heads of 64:
+# 0.5× the time at 64 tokens, 0.6× at 150, 0.9× at 300, 1.1× at 500 once upcast), so short
+# documents are attended to in fp32 there.
+CPU_BF16_UPCAST_BELOW = 384
+
+
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float, scale: float | None,
+          gqa: bool) -> torch.Tensor:
+    if query.dtype == torch.bfloat16 and query.device.type == "cpu" and query.shape[2] < CPU_BF16_UPCAST_BELOW:
+        with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs straight back to bf16
+            out = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), dropout_p=dropout_p,
+                                                 scale=scale, is_causal=True, enable_gqa=gqa)
+        return out.to(query.dtype)
+    return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, scale=scale, is_causal=True,
+                                          enable_gqa=gqa)
+
+
 def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs) -> tuple[torch.Tensor, None]:
@@ -47,14 +64,12 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     gqa = key.shape[1] != Hq
     p = dropout if module.training else 0.0
     if positions is None or positions.shape[-1] != T:
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=p, scale=scaling, is_causal=True, enable_gqa=gqa)
-        return out.transpose(1, 2).contiguous(), None
+        return _sdpa(query, key, value, p, scaling, gqa).transpose(1, 2).contiguous(), None
     if positions.shape[0] != B:
         positions = positions.expand(B, -1)
     rows = []
     for b, spans in enumerate(document_spans(positions)):
-        parts = [F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
-                                                dropout_p=p, scale=scaling, is_causal=True, enable_gqa=gqa)
+        parts = [_sdpa(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], p, scaling, gqa)
                  for s, e in spans]
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     out = torch.cat(rows, dim=0)  # (B, Hq, T, D)

@@ -30,12 +30,12 @@ from .evaluate import eval_loss, exact_match, generate_answers, perplexity
 from .loss import causal_lm_loss_sum
 from .model import LoraModel, get_lora_model
 from .distributed import DistContext, full_tensor, init_distributed
-from .models import cache_root, load_model, resolve_device
+from .models import cache_root, load_model, native_bf16, resolve_device
 from .quant import prepare_for_kbit_training, quant_summary
 from .rank_schedule import PlateauTracker, grow_adapter_rank, parse_rank_schedule, stage_alpha
 from .runlog import NullLog, RunLog, peak_memory_mb
 
-__all__ = ["train", "TrainResult", "lr_lambda", "build_optimizer"]
+__all__ = ["train", "TrainResult", "lr_lambda", "build_optimizer", "resolve_precision"]
 
 
 @dataclass
@@ -142,9 +142,17 @@ def _prepare_out_dir(out: Path, overwrite: bool, resume: str | None) -> None:
                            f"--train.resume latest to continue it, or choose another --train.out_dir")
 
 
+def resolve_precision(precision: str, device: torch.device, quantize: str = "none") -> str:
+    """auto: bf16 autocast where the device multiplies bf16 natively (CUDA with bf16, CPUs with
+    AVX512-BF16/AMX), fp32 elsewhere; a 4-bit base on CPU stays fp32 (its kernels compute in fp32)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cpu" and quantize != "none":
+        return "fp32"
+    return "bf16" if native_bf16(device) else "fp32"
+
+
 def _autocast(device: torch.device, precision: str):
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp32":
         return torch.autocast(device.type, enabled=False), None
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -195,9 +203,15 @@ def _train(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
 
     # ---- setup: everything is validated before the run folder is written ----------------
     m_cfg = cfg.model
-    model, tok = load_model(m_cfg.name, m_cfg.device, m_cfg.dtype, m_cfg.trust_remote_code, quantize=m_cfg.quantize,
+    precision = resolve_precision(t_cfg.precision, resolve_device(m_cfg.device), m_cfg.quantize)
+    # Under bf16 autocast the frozen base is kept in bf16 too: half the memory, no per-step casts.
+    dtype = "bfloat16" if m_cfg.dtype == "auto" and precision == "bf16" and m_cfg.quantize == "none" else m_cfg.dtype
+    model, tok = load_model(m_cfg.name, m_cfg.device, dtype, m_cfg.trust_remote_code, quantize=m_cfg.quantize,
                             double_quant=m_cfg.double_quant, compute_dtype=m_cfg.compute_dtype)
     device = next(model.parameters()).device
+    echo(f"precision: {precision}" + (f", base weights {dtype}" if dtype != "auto" else "")
+         + (" (auto: this CPU has native bf16 matmuls; --train.precision fp32 for full fp32)"
+            if t_cfg.precision == "auto" and precision == "bf16" and device.type == "cpu" else ""))
     if m_cfg.quantize != "none":
         prepare_for_kbit_training(model)
         echo(f"base quantized: {quant_summary(model)}")
@@ -231,7 +245,7 @@ def _train(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
     warmup = int(t_cfg.warmup * total_steps) if t_cfg.warmup < 1 else int(t_cfg.warmup)
     optimizer = build_optimizer(lm, t_cfg.lr, t_cfg.weight_decay, t_cfg.lora_plus_ratio, t_cfg.optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t_cfg.schedule, warmup, total_steps))
-    autocast, scaler = _autocast(device, t_cfg.precision)
+    autocast, scaler = _autocast(device, precision)
     progress = Progress(step=0, micro_batches=0, tokens=0, elapsed=0.0)
     if resume_from is not None:
         progress, state = load_trainer_state(resume_from)
