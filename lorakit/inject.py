@@ -20,6 +20,7 @@ from torch import nn
 from .config import LoraConfig
 from .errors import LorakitError
 from .lora import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from .shared_input import link_shared_inputs
 
 try:  # GPT-2 style layers; transformers is a dependency, but keep lora usable without it
     from transformers.pytorch_utils import Conv1D
@@ -290,6 +291,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
                     module = ModulesToSave(module)
                     _set_module(model, name, module)
                 module.add_adapter(adapter_name)
+    link_shared_inputs(model)
     return plan
 
 

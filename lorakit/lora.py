@@ -33,6 +33,12 @@ def _adapter_dtype(weight: Tensor) -> torch.dtype:
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def _to_adapter_dtype(x: Tensor, A: Tensor) -> Tensor:
+    # Under autocast the matmuls cast their inputs themselves: converting a bf16 activation to the
+    # fp32 adapter dtype first would only make a copy that autocast converts straight back.
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(A.dtype)
+
+
 def _require_float_base(weight: Tensor, what: str) -> None:
     if not weight.dtype.is_floating_point:
         # Writing into a quantized weight would re-quantize it and round most of the update away.
@@ -242,20 +248,24 @@ class LoraLinear(LoraLayer):
             self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
         else:
             self.out_features, self.in_features = tuple(w.shape)
+        # Set by lorakit.shared_input.link_shared_inputs when siblings read the same input (q/k/v).
+        self.shared_input = None
 
     def _factor_shapes(self, r: int):
         return (r, self.in_features), (self.out_features, r)
 
     def lora_output(self, x: Tensor, name: str) -> Tensor:
         A, B = self.lora_A[name], self.lora_B[name]  # (r, in), (out, r)
-        x = self.lora_dropout[name](x).to(A.dtype)
+        x = _to_adapter_dtype(self.lora_dropout[name](x), A)
         return F.linear(F.linear(x, A), B) * self.scaling[name]  # (..., r) -> (..., out)
 
     def add_lora_output(self, result: Tensor, x: Tensor, name: str) -> Tensor:
         A, B = self.lora_A[name], self.lora_B[name]
-        if result.dtype != B.dtype:
+        if result.dtype != B.dtype and not torch.is_autocast_enabled(result.device.type):
             return super().add_lora_output(result, x, name)
-        h = F.linear(self.lora_dropout[name](x).to(A.dtype), A)  # (..., r)
+        h = self.shared_input.hidden(x, name, self) if self.shared_input is not None else None
+        if h is None:
+            h = F.linear(_to_adapter_dtype(self.lora_dropout[name](x), A), A)  # (..., r)
         # addmm folds the scaling and the residual add into the B matmul: no extra (N, out) pass.
         out = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), B.t(), alpha=self.scaling[name])
         return out.view(result.shape)

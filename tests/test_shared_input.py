@@ -1,0 +1,104 @@
+"""Sibling projections that read the same input (q/k/v, gate/up) run their A factors as one
+matmul: same outputs and gradients as separate layers, and no sharing where it would change
+the math (dropout) or where the siblings do not actually share the input (cross-attention)."""
+
+import copy
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lorakit.shared_input as shared_input
+from lorakit import LoraConfig, get_lora_model
+from lorakit.inject import lora_layers
+
+from conftest import tiny_llama
+
+
+def _groups(model):
+    return {id(layer.shared_input): layer.shared_input for _, layer in lora_layers(model)
+            if getattr(layer, "shared_input", None) is not None}
+
+
+def _count_stacked_matmuls(monkeypatch):
+    calls = []
+
+    def linear(x, w, *a):
+        calls.append(w.shape[0])
+        return F.linear(x, w, *a)
+
+    monkeypatch.setattr(shared_input, "F", SimpleNamespace(linear=linear))
+    return calls
+
+
+def _forward_backward(model, x):
+    model.zero_grad(set_to_none=True)
+    logits = model(x).logits
+    logits.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), grads
+
+
+def test_grouped_a_matmuls_equal_separate_layers(monkeypatch):
+    torch.manual_seed(0)
+    lm = get_lora_model(tiny_llama(), LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    for _, layer in lora_layers(lm.model):
+        torch.nn.init.normal_(layer.lora_B["default"], std=0.05)  # a non-zero update, so every path matters
+    groups = _groups(lm.model)
+    assert len(groups) == 4  # per layer: q/k/v and gate/up
+    separate = copy.deepcopy(lm.model)
+    for g in _groups(separate).values():
+        g.enabled = False
+    lm.model.train(), separate.train()
+    x = torch.randint(3, 90, (2, 12))
+    calls = _count_stacked_matmuls(monkeypatch)
+    ours, our_grads = _forward_backward(lm.model, x)
+    assert sorted(calls) == [8, 8, 12, 12]  # one stacked X·Aᵀ per group: 2×4 rows (gate/up), 3×4 (q/k/v)
+    assert all(g.enabled and not g._cache for g in groups.values())  # nothing held after the forward
+    calls.clear()
+    ref, ref_grads = _forward_backward(separate, x)
+    assert calls == []
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+    assert our_grads.keys() == ref_grads.keys() and len(our_grads) == 28  # 2 layers × 7 projections × (A, B)
+    for k in ref_grads:
+        torch.testing.assert_close(our_grads[k], ref_grads[k], atol=1e-6, rtol=1e-5)
+
+
+def test_no_sharing_with_dropout(monkeypatch):
+    lm = get_lora_model(tiny_llama(), LoraConfig(r=4, alpha=8, dropout=0.1, target_modules="all-linear"))
+    assert len(_groups(lm.model)) == 4
+    calls = _count_stacked_matmuls(monkeypatch)
+    lm.model.train()
+    lm.model(torch.randint(3, 90, (1, 8)))
+    assert calls == []  # dropout draws one mask per layer: each layer runs alone
+
+
+class _CrossAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(16, 16, bias=False) for _ in range(3))
+
+    def forward(self, x, memory):
+        return self.q_proj(x) + self.k_proj(memory) + self.v_proj(memory)
+
+
+def test_siblings_fed_different_inputs_switch_the_group_off():
+    torch.manual_seed(0)
+    model = nn.Sequential(_CrossAttention())
+    lm = get_lora_model(model, LoraConfig(r=2, alpha=2, target_modules=["q_proj", "k_proj", "v_proj"]))
+    attn = lm.model[0]
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+        torch.nn.init.normal_(proj.lora_B["default"])
+    (group,) = _groups(lm.model).values()
+    x, memory = torch.randn(3, 16), torch.randn(3, 16)
+
+    def expected(proj, inp):
+        A, B = proj.lora_A["default"], proj.lora_B["default"]
+        return inp @ proj.base_layer.weight.t() + (inp @ A.t()) @ B.t()
+
+    for _ in range(2):
+        out = lm.model[0](x, memory)
+        ref = expected(attn.q_proj, x) + expected(attn.k_proj, memory) + expected(attn.v_proj, memory)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert not group.enabled
