@@ -42,6 +42,10 @@ class SharedInputGroup:
         # adapter name -> (weak ref to X, X's version, stacked X·Aᵀ, indices of layers still to read it)
         self._cache: dict[str, tuple[weakref.ref, int, Tensor, set[int]]] = {}
 
+    def __getstate__(self) -> dict:
+        # copies and pickles start with an empty cache (weak references cannot be copied)
+        return {**self.__dict__, "_cache": {}}
+
     def _shareable(self, name: str) -> bool:
         return all(name in layer.lora_A and isinstance(layer.lora_dropout[name], nn.Identity)
                    and name not in layer.merged_adapters and name in layer.active_adapters

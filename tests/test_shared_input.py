@@ -102,3 +102,17 @@ def test_siblings_fed_different_inputs_switch_the_group_off():
         ref = expected(attn.q_proj, x) + expected(attn.k_proj, memory) + expected(attn.v_proj, memory)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert not group.enabled
+
+
+def test_a_model_copies_with_a_filled_cache():
+    lm = get_lora_model(tiny_llama(), LoraConfig(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]))
+    attn = lm.model.model.layers[0].self_attn
+    x = torch.randn(1, 3, 64)
+    attn.q_proj(x)  # k and v have not read it yet: the group holds a weak reference to x
+    (group,) = {id(attn.q_proj.shared_input): attn.q_proj.shared_input}.values()
+    assert group._cache
+    clone = copy.deepcopy(lm.model)
+    copied = clone.model.layers[0].self_attn
+    assert copied.q_proj.shared_input is copied.k_proj.shared_input is not group
+    assert copied.q_proj.shared_input.layers[0] in (copied.q_proj, copied.k_proj, copied.v_proj)
+    assert not copied.q_proj.shared_input._cache
