@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lora import LoraLinear
+from .lora import LoraLinear, _to_adapter_dtype
 
 __all__ = ["SHARED_INPUT_NAMES", "SharedInputGroup", "link_shared_inputs"]
 
@@ -43,7 +43,7 @@ class SharedInputGroup:
         self._cache: dict[str, tuple[weakref.ref, int, Tensor, set[int]]] = {}
 
     def __getstate__(self) -> dict:
-        # copies and pickles start with an empty cache (weak references cannot be copied)
+        # a copy must not inherit the original's pending input (and weak references do not pickle)
         return {**self.__dict__, "_cache": {}}
 
     def _shareable(self, name: str) -> bool:
@@ -67,8 +67,7 @@ class SharedInputGroup:
                 self._cache.clear()
                 return None
             A = torch.cat([member.lora_A[name] for member in self.layers])  # (Σr, in)
-            x_in = x if torch.is_autocast_enabled(x.device.type) else x.to(A.dtype)
-            h = F.linear(x_in, A)  # (..., Σr)
+            h = F.linear(_to_adapter_dtype(x, A), A)  # (..., Σr)
             pending = set(range(len(self.layers)))
             self._cache[name] = (weakref.ref(x), x._version, h, pending)
         pending.discard(idx)
