@@ -1,6 +1,6 @@
 """Estimated vs measured peak memory of real training steps on this CPU (not a test).
 
-    .venv/bin/python bench/estimate_validation.py
+    .venv/bin/python bench/estimate_validation.py [--only SUBSTRING]
 
 Each configuration runs in its own process: baseline RSS after imports, then the model is built
 (loaded for SmolLM2; quantized for QLoRA), wrapped, and the peak-RSS mark is reset
@@ -18,7 +18,8 @@ import subprocess
 import sys
 
 CONFIGS = [
-    # (label, model, method, r, batch, seq, grad_ckpt)
+    # (label, model, method, r, batch, seq, grad_ckpt[, dtype]); bf16 = autocast over a bf16 base,
+    # what `lorakit train` does on CPUs with native bf16 matmuls
     ("mid-llama lora b4 s256", "mid", "lora", 16, 4, 256, False),
     ("mid-llama full b2 s256", "mid", "full", 0, 2, 256, False),
     ("smollm2 lora b1 s256", "smollm2-135m", "lora", 16, 1, 256, False),
@@ -27,6 +28,8 @@ CONFIGS = [
     ("smollm2 lora b2 s1024 ckpt", "smollm2-135m", "lora", 16, 2, 1024, True),
     ("smollm2 full b1 s256", "smollm2-135m", "full", 0, 1, 256, False),
     ("smollm2 qlora b2 s512", "smollm2-135m", "qlora", 16, 2, 512, False),
+    ("smollm2 lora b2 s512 bf16", "smollm2-135m", "lora", 16, 2, 512, False, "bf16"),
+    ("smollm2 lora b1 s1024 bf16", "smollm2-135m", "lora", 16, 1, 1024, False, "bf16"),
 ]
 
 WORKER = r"""
@@ -45,14 +48,15 @@ from lorakit.loss import causal_lm_loss_sum
 from lorakit.estimate import shape_from_config, estimate_memory, load_model_config
 torch.manual_seed(0)
 torch.set_num_threads(2)
-label, name, method, r, batch, seq, ckpt = json.loads(sys.argv[1])
+label, name, method, r, batch, seq, ckpt, *rest = json.loads(sys.argv[1])
+dtype = rest[0] if rest else "fp32"
 if name == "mid":
     cfg = transformers.LlamaConfig(vocab_size=16384, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                                    num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True)
 else:
     cfg = load_model_config(name)
 shape = shape_from_config(cfg)
-est = estimate_memory(shape, method, max(r, 1), "all-linear", batch, seq, ckpt, "fp32", "adamw")
+est = estimate_memory(shape, method, max(r, 1), "all-linear", batch, seq, ckpt, dtype, "adamw")
 # Warm the compute runtime (thread pool, oneDNN/BLAS buffers, autograd engine) before the baseline:
 # that is framework overhead, which the estimate reports separately, not model memory.
 _w = torch.nn.Linear(256, 256)
@@ -68,7 +72,8 @@ if name == "mid":
     model = transformers.LlamaForCausalLM(cfg)
 else:
     from lorakit.models import load_model
-    model, _ = load_model(name, device="cpu", quantize="nf4" if method == "qlora" else "none")
+    model, _ = load_model(name, device="cpu", dtype="bfloat16" if dtype == "bf16" else "float32",
+                          quantize="nf4" if method == "qlora" else "none")
 model.train()
 if ckpt:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -84,7 +89,8 @@ ctypes.CDLL("libc.so.6").malloc_trim(0)
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset VmHWM to the current RSS: the peak of loading is not the peak of training
 for _ in range(2):
-    s, n = causal_lm_loss_sum(model, ids, ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        s, n = causal_lm_loss_sum(model, ids, ids)
     (s / n).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -94,8 +100,13 @@ print(json.dumps({"measured": peak - base, "estimated": est.total, "parts": est.
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", default="", help="run the configurations whose label contains this")
+    args = ap.parse_args()
     rows = []
-    for c in CONFIGS:
+    for c in (c for c in CONFIGS if args.only in c[0]):
         r = {}
         for alloc in ("live", "default"):
             out = subprocess.run([sys.executable, "-c", WORKER, json.dumps(c), alloc], capture_output=True, text=True)
@@ -106,7 +117,7 @@ def main() -> None:
         rows.append((c[0], r))
         print(f"{c[0]}: measured {r['live']['measured'] / 2**20:.0f} MiB (live), {r['default']['measured'] / 2**20:.0f} "
               f"(glibc default), estimated {r['live']['estimated'] / 2**20:.0f} MiB", file=sys.stderr)
-    print(f"# fp32 on CPU, {platform.machine()}, two AdamW steps, all labels")
+    print(f"# CPU, {platform.machine()}, two AdamW steps, all labels")
     print("| configuration | estimated MiB | measured MiB (live tensors) | error | RSS with glibc's default allocator | error |")
     print("|---|---|---|---|---|---|")
     for label, r in rows:

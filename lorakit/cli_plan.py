@@ -33,7 +33,7 @@ def _add_estimate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq", type=_positive(int), default=1024, help="tokens per row (default 1024)")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="weights/activations dtype (auto: bf16 when a CUDA GPU is visible, else fp32)")
+                   help="weights/activations dtype (auto: what train picks — bf16 on CUDA and on CPUs with native bf16, else fp32)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "sgd"])
     p.add_argument("--no-double-quant", action="store_true", help="qlora: 4.5 bits per weight instead of 4.127")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="which framework overhead to add")
@@ -49,12 +49,26 @@ def _device_kind(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _auto_dtype(kind: str, method: str = "lora") -> str:
+    """The dtype `lorakit train` would pick: bf16 on CUDA and on CPUs with native bf16 matmuls, else
+    fp32 (always fp32 for a 4-bit base on CPU, whose kernels compute in fp32)."""
+    if kind == "cuda":
+        return "bf16"
+    if method == "qlora":
+        return "fp32"
+    import torch
+
+    from .models import native_bf16
+
+    return "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+
+
 def _cmd_estimate(args: argparse.Namespace) -> int:
     from .estimate import estimate_memory, format_estimate, load_model_config, parse_size, shape_from_config
 
     memory = parse_size(args.device_memory) if args.device_memory else None
     kind = _device_kind(args.device)
-    dtype = args.dtype if args.dtype != "auto" else ("bf16" if kind == "cuda" else "fp32")
+    dtype = args.dtype if args.dtype != "auto" else _auto_dtype(kind, args.method)
     targets = "all-linear" if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",") if t.strip()]
     shape = shape_from_config(load_model_config(args.model))
     est = estimate_memory(shape, args.method, args.r, targets, args.batch, args.seq, args.grad_ckpt, dtype,
@@ -100,7 +114,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     profile = profile_data(data, load_tokenizer(args.model))
     rec = recommend(profile, shape, args.model, data, memory, source,
                     getattr(model_cfg, "max_position_embeddings", None), args.run_dir,
-                    dtype="bf16" if _device_kind("auto") == "cuda" else "fp32")
+                    dtype=_auto_dtype(_device_kind("auto")))
     cfg = rec.run_config()  # the YAML must load as it is written
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

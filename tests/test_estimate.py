@@ -114,3 +114,27 @@ def test_activation_and_loss_terms_by_hand():
     assert e.components["loss (chunked logits)"] == 16 * 96 * 4 + 2 * 16 * 64 * 4
     ck = estimate_memory(tiny, "lora", r=4, batch=1, seq=16, grad_ckpt=True)
     assert ck.components["activations"] == 16 * 4 * (2 * 64 + per_token // 8)  # block inputs + one block recomputed
+
+
+def test_cli_estimate_auto_dtype_follows_what_train_picks(tiny_model_dir, capsys, monkeypatch):
+    import json
+
+    def dtype(*extra):
+        code, out, _ = _cli(capsys, "estimate", "--model", str(tiny_model_dir), "--device", "cpu", "--json", *extra)
+        assert code == 0
+        return json.loads(out)["settings"]["dtype"]
+
+    assert dtype() == "fp32"  # conftest: no native bf16
+    monkeypatch.setenv("LORAKIT_CPU_BF16", "1")
+    assert dtype() == "bf16"
+    assert dtype("--method", "qlora") == "fp32"  # a 4-bit base on CPU computes in fp32
+    assert dtype("--dtype", "fp32") == "fp32"
+    assert dtype("--device", "cuda") == "bf16"
+
+
+def test_half_precision_activations_count_the_fp32_norms():
+    s = shape_from_config(SMOL)
+    e32 = estimate_memory(s, "lora", r=16, batch=1, seq=1000, dtype="fp32")
+    e16 = estimate_memory(s, "lora", r=16, batch=1, seq=1000, dtype="bf16")
+    norms = 1000 * s.layers * 2 * 2 * s.hidden * 4  # two RMSNorms per layer keep 2h fp32 values per token each
+    assert e16.components["activations"] == pytest.approx(e32.components["activations"] / 2 + norms)
