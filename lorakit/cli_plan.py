@@ -50,17 +50,14 @@ def _device_kind(device: str) -> str:
 
 
 def _auto_dtype(kind: str, method: str = "lora") -> str:
-    """The dtype `lorakit train` would pick: bf16 on CUDA and on CPUs with native bf16 matmuls, else
-    fp32 (always fp32 for a 4-bit base on CPU, whose kernels compute in fp32)."""
+    """The dtype `lorakit train` would pick (planning for CUDA from any machine assumes bf16)."""
     if kind == "cuda":
         return "bf16"
-    if method == "qlora":
-        return "fp32"
     import torch
 
-    from .models import native_bf16
+    from .models import resolve_precision
 
-    return "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+    return resolve_precision("auto", torch.device("cpu"), "nf4" if method == "qlora" else "none")
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:

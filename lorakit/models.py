@@ -19,7 +19,8 @@ import torch
 
 from .errors import LorakitError
 
-__all__ = ["EMBEDDED_MODELS", "DEFAULT_MODEL", "cache_root", "resolve_device", "resolve_dtype", "native_bf16", "load_model",
+__all__ = ["EMBEDDED_MODELS", "DEFAULT_MODEL", "cache_root", "resolve_device", "resolve_dtype", "native_bf16",
+           "resolve_precision", "physical_cores", "load_model",
            "load_tokenizer", "ModelSource", "resolve_source"]
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -49,15 +50,25 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def _cpu_flags() -> set[str]:
+def _cpuinfo() -> list[dict[str, str]]:
+    """/proc/cpuinfo as one dict per logical CPU (empty where there is none: not Linux)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no way to ask the CPU here
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+    except OSError:
+        return []
+    return [{k.strip(): v.strip() for k, v in (line.split(":", 1) for line in block.splitlines() if ":" in line)}
+            for block in text.split("\n\n") if block.strip()]
+
+
+def _cpu_flags() -> set[str]:
+    cpus = _cpuinfo()
+    return set(cpus[0].get("flags", "").split()) if cpus else set()
+
+
+def physical_cores() -> int:
+    """Physical cores (hyper-threads share a core's matmul units, so more threads do not help)."""
+    cores = {(info.get("physical id"), info["core id"]) for info in _cpuinfo() if "core id" in info}
+    return len(cores) or os.cpu_count() or 1
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -72,6 +83,17 @@ def native_bf16(device: torch.device) -> bool:
     if forced in ("0", "1"):
         return forced == "1"
     return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(precision: str, device: torch.device, quantize: str = "none") -> str:
+    """Training precision. auto: bf16 autocast where the device multiplies bf16 natively (CUDA with
+    bf16, CPUs with AVX512-BF16/AMX), fp32 elsewhere; a 4-bit base on CPU stays fp32 (its kernels
+    compute in fp32)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cpu" and quantize != "none":
+        return "fp32"
+    return "bf16" if native_bf16(device) else "fp32"
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

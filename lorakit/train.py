@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import shutil
 import signal
@@ -30,7 +29,7 @@ from .evaluate import eval_loss, exact_match, generate_answers, perplexity
 from .loss import causal_lm_loss_sum
 from .model import LoraModel, get_lora_model
 from .distributed import DistContext, full_tensor, init_distributed
-from .models import cache_root, load_model, native_bf16, resolve_device
+from .models import cache_root, load_model, physical_cores, resolve_device, resolve_precision
 from .quant import prepare_for_kbit_training, quant_summary
 from .rank_schedule import PlateauTracker, grow_adapter_rank, parse_rank_schedule, stage_alpha
 from .runlog import NullLog, RunLog, peak_memory_mb
@@ -92,20 +91,6 @@ def build_optimizer(lm: LoraModel, lr: float, weight_decay: float, lora_plus_rat
     return cls(groups, lr=lr, weight_decay=weight_decay)
 
 
-def _physical_cores() -> int:
-    """Physical cores (hyper-threads share a core's matmul units, so more threads do not help)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return os.cpu_count() or 1
-    cores = set()
-    for block in text.split("\n\n"):
-        info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in block.splitlines() if ":" in line)}
-        if "core id" in info:
-            cores.add((info.get("physical id"), info["core id"]))
-    return len(cores) or os.cpu_count() or 1
-
-
 def _rank_schedule(cfg: RunConfig):
     """The run's RankSchedule (None without one), checked against the rest of the config."""
     if cfg.train.rank_schedule is None:
@@ -140,16 +125,6 @@ def _prepare_out_dir(out: Path, overwrite: bool, resume: str | None) -> None:
     if not overwrite:
         raise LorakitError(f"{out} already holds a run; pass --train.overwrite true to replace it, "
                            f"--train.resume latest to continue it, or choose another --train.out_dir")
-
-
-def resolve_precision(precision: str, device: torch.device, quantize: str = "none") -> str:
-    """auto: bf16 autocast where the device multiplies bf16 natively (CUDA with bf16, CPUs with
-    AVX512-BF16/AMX), fp32 elsewhere; a 4-bit base on CPU stays fp32 (its kernels compute in fp32)."""
-    if precision != "auto":
-        return precision
-    if device.type == "cpu" and quantize != "none":
-        return "fp32"
-    return "bf16" if native_bf16(device) else "fp32"
 
 
 def _autocast(device: torch.device, precision: str):
@@ -197,7 +172,7 @@ def _train(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
         # Checkpoints hold PiSSA adapters converted for the original weights (rank 2r), which the
         # optimizer state (rank r, on the residual weights) does not match.
         raise LorakitError("resuming a run with lora.init=pissa is not supported; restart it, or use init=default")
-    torch.set_num_threads(t_cfg.threads or max(1, _physical_cores() // ctx.local_world))
+    torch.set_num_threads(t_cfg.threads or max(1, physical_cores() // ctx.local_world))
     random.seed(t_cfg.seed)
     torch.manual_seed(t_cfg.seed)
 
