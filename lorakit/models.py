@@ -80,7 +80,10 @@ def native_bf16(device: torch.device) -> bool:
     if device.type != "cpu":
         return False
     forced = os.environ.get("LORAKIT_CPU_BF16", "").strip()
-    if forced in ("0", "1"):
+    if forced not in ("", "0", "1"):
+        raise LorakitError(f"LORAKIT_CPU_BF16 must be 0 (fp32 on this CPU) or 1 (bf16), or unset to detect it; "
+                           f"got {forced!r}")
+    if forced:
         return forced == "1"
     return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
 

@@ -129,3 +129,17 @@ def test_packed_attention_upcasts_short_bf16_documents_on_cpu():
     # the short document in fp32 (rounded once at the end), the long one by the bf16 kernel
     assert torch.equal(out[:, :short], attend(0, short, torch.float32))
     assert torch.equal(out[:, short:], attend(short, T, torch.bfloat16))
+
+
+def test_a_bad_cpu_bf16_override_is_refused_before_anything_is_written(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from lorakit.cli import main
+    from lorakit.errors import LorakitError
+
+    monkeypatch.setenv("LORAKIT_CPU_BF16", "yes")
+    with pytest.raises(LorakitError, match="LORAKIT_CPU_BF16 must be 0 .* got 'yes'"):
+        models.native_bf16(CPU)
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(tiny_model_dir), "--data", str(_data(tmp_path)), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code != 0 and "LORAKIT_CPU_BF16 must be 0" in err and "Traceback" not in err
+    assert not out.exists()
