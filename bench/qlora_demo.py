@@ -1,10 +1,11 @@
 """QLoRA against fp32 LoRA on the built-in demo task, and what merging a QLoRA adapter costs.
 
-    .venv/bin/python bench/qlora_demo.py [--out /tmp/qlora-bench] [--model smollm2-135m]
+    .venv/bin/python bench/qlora_demo.py [--out /tmp/qlora-bench] [--model smollm2-135m] [--seeds 0 1]
 
-1. Trains the demo twice with the same settings — `lorakit train` (fp32 base) and
-   `lorakit train --quantize nf4` — each in its own process, and reports held-out exact match and
-   eval loss before/after, tokens/s, and the process's peak RSS (from wait4, the whole process).
+1. Trains the demo three ways with the same settings — `lorakit train` (fp32 base, fp32 compute),
+   `lorakit train --quantize nf4` and `lorakit train --quantize nf4 --quant-rounding gptq` — each in
+   its own process, once per seed, and reports held-out exact match and eval loss before/after,
+   tokens/s, and the process's peak RSS (from wait4, the whole process).
 2. Measures the quantized linear weights on the model's own tensors against their fp32 size.
 3. Evaluates the QLoRA adapter four ways: unmerged over the 4-bit base (what training saw), merged
    into the dequantized base (lorakit merge), merged into the original fp32 weights, and merged then
@@ -25,10 +26,18 @@ from pathlib import Path
 import torch
 
 
+RUNS = {  # label -> extra flags
+    "LoRA, fp32 base": ["--train.precision", "fp32", "--model.dtype", "float32"],
+    "QLoRA, NF4 + double quant": ["--quantize", "nf4"],
+    "QLoRA, NF4 + double quant, GPTQ rounding": ["--quantize", "nf4", "--quant-rounding", "gptq"],
+}
+
+
 def run_train(out: Path, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "lorakit", "train", "--out", str(out), "--overwrite", *extra]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    env = {**os.environ, "LORAKIT_CPU_BF16": "0"}  # the comparison is against fp32 LoRA on any CPU
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     stdout = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
@@ -88,40 +97,72 @@ def merge_variants(run: Path) -> tuple[list[tuple[str, dict]], dict]:
     return results, err
 
 
+def adapter_scores(run: Path, quantize: str) -> dict:
+    """Held-out scores of ``run``'s adapter over the base loaded with ``quantize`` (nearest rounding)."""
+    from lorakit.config import load_yaml, run_config_from_dict
+    from lorakit.data.dataset import prepare_data
+    from lorakit.model import LoraModel
+    from lorakit.models import cache_root, load_model
+    from lorakit.train import _evaluate
+
+    cfg = run_config_from_dict(load_yaml(run / "config.yaml"))
+    base, tok = load_model(cfg.model.name, "cpu", "float32", quantize=quantize)
+    lm = LoraModel.from_pretrained(base, run / "adapter").eval()
+    prepared = prepare_data(cfg.data, tok, cfg.train.seed, cache_root() / "data")
+    return _evaluate(lm, tok, prepared, cfg, torch.device("cpu"), base=False)[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="/tmp/qlora-bench")
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[42, 1], help="train.seed of each run (the demo's default is 42)")
     args = ap.parse_args()
     out = Path(args.out)
     model_flag = ["--model", args.model]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}", flush=True)
 
-    runs = {}
-    for label, extra in (("LoRA, fp32 base", []), ("QLoRA, NF4 + double quant", ["--quantize", "nf4"])):
-        print(f"training: {label} ...", flush=True)
-        runs[label] = run_train(out / label.split(",")[0].lower(), model_flag + extra)
-        print(f"  {runs[label]}", flush=True)
+    runs: dict[str, list[dict]] = {label: [] for label in RUNS}
+    for seed in args.seeds:
+        for label, extra in RUNS.items():
+            print(f"training: {label}, seed {seed} ...", flush=True)
+            folder = out / f"{label.split(',')[0].lower()}{'-gptq' if 'GPTQ' in label else ''}-seed{seed}"
+            runs[label].append(run_train(folder, model_flag + extra + ["--train.seed", str(seed)]))
+            print(f"  {runs[label][-1]}", flush=True)
 
     stored, fp32, n = weight_memory(args.model)
     print(f"\nquantized linear weights: {n} layers, {stored:.1f} MiB vs {fp32:.1f} MiB fp32 = {stored / fp32:.3f}×")
 
-    print("\n| run | exact match before → after | eval loss before → after | tokens/s | peak RSS MiB | whole run s |")
-    print("|---|---|---|---|---|---|")
-    for label, r in runs.items():
-        b, a = r["base"], r["after"]
-        print(f"| {label} | {b['exact_match']:.1f}% → {a['exact_match']:.1f}% | {b['eval_loss']:.4f} → "
-              f"{a['eval_loss']:.4f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mib']:.0f} | {r['wall_s']:.0f} |")
-    lo, q = runs["LoRA, fp32 base"], runs["QLoRA, NF4 + double quant"]
-    print(f"\nQLoRA/LoRA: eval loss {q['after']['eval_loss'] / lo['after']['eval_loss']:.3f}×, tokens/s "
-          f"{q['tokens_per_s'] / lo['tokens_per_s']:.2f}×, peak RSS {q['peak_rss_mib'] / lo['peak_rss_mib']:.2f}×")
+    print("\n| run | seed | exact match before → after | eval loss before → after | tokens/s | peak RSS MiB | whole run s |")
+    print("|---|---|---|---|---|---|---|")
+    for label, rs in runs.items():
+        for seed, r in zip(args.seeds, rs):
+            b, a = r["base"], r["after"]
+            print(f"| {label} | {seed} | {b['exact_match']:.1f}% → {a['exact_match']:.1f}% | {b['eval_loss']:.4f} → "
+                  f"{a['eval_loss']:.4f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mib']:.0f} | {r['wall_s']:.0f} |")
+
+    def mean(label, key):
+        return sum(key(r) for r in runs[label]) / len(runs[label])
+
+    ref = "LoRA, fp32 base"
+    for label in list(RUNS)[1:]:
+        print(f"{label} / LoRA over {len(args.seeds)} seed(s): eval loss "
+              f"{mean(label, lambda r: r['after']['eval_loss']):.4f} / {mean(ref, lambda r: r['after']['eval_loss']):.4f} = "
+              f"{mean(label, lambda r: r['after']['eval_loss']) / mean(ref, lambda r: r['after']['eval_loss']):.3f}×, "
+              f"exact match {mean(label, lambda r: r['after']['exact_match']):.1f}% vs {mean(ref, lambda r: r['after']['exact_match']):.1f}%, "
+              f"tokens/s {mean(label, lambda r: r['tokens_per_s']) / mean(ref, lambda r: r['tokens_per_s']):.2f}×, "
+              f"peak RSS {mean(label, lambda r: r['peak_rss_mib']) / mean(ref, lambda r: r['peak_rss_mib']):.2f}×")
 
     print("\nmerging the QLoRA adapter:", flush=True)
-    results, err = merge_variants(out / "qlora")
+    results, err = merge_variants(out / f"qlora-seed{args.seeds[0]}")
     print("\n| QLoRA adapter evaluated | eval loss | exact match |")
     print("|---|---|---|")
     for label, s in results:
         print(f"| {label} | {s['eval_loss']:.4f} | {s.get('exact_match', 0):.1f}% |")
+    gptq_run = out / f"qlora-gptq-seed{args.seeds[0]}"
+    print("\nthe GPTQ-rounded run's adapter elsewhere:", flush=True)
+    for label, quantize in (("over the original fp32 base", "none"), ("over a nearest-rounded NF4 base", "nf4")):
+        print(f"| {label} | " + " | ".join(f"{v:.4f}" for v in adapter_scores(gptq_run, quantize).values()) + " |")
     print(f"\nre-quantization error: {100 * err['update_error']:.1f}% of the update's norm, "
           f"{100 * err['weight_error']:.2f}% of the merged weights' norm")
 

@@ -53,6 +53,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--double-quant", dest="alias_double_quant", action=argparse.BooleanOptionalAction, default=None,
                    help="= --model.double_quant")
     p.add_argument("--compute-dtype", dest="alias_compute_dtype", metavar="D", help="= --model.compute_dtype")
+    p.add_argument("--quant-rounding", dest="alias_quant_rounding", metavar="R",
+                   help="= --model.quant_rounding (nearest | gptq)")
     p.add_argument("--optimizer", dest="alias_optimizer", metavar="O", help="= --train.optimizer")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="train on N processes of this machine (starts torchrun; see docs/distributed.md)")
@@ -81,6 +83,7 @@ def _flag_overrides(args: argparse.Namespace) -> dict:
     aliases = {"alias_model": ("model", "name"), "alias_data": ("data", "path"), "alias_out": ("train", "out_dir"),
                "alias_resume": ("train", "resume"), "alias_quantize": ("model", "quantize"),
                "alias_double_quant": ("model", "double_quant"), "alias_compute_dtype": ("model", "compute_dtype"),
+               "alias_quant_rounding": ("model", "quant_rounding"),
                "alias_optimizer": ("train", "optimizer")}
     for dest, (section, key) in aliases.items():
         if getattr(args, dest, None) is not None:

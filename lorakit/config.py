@@ -157,6 +157,10 @@ class ModelConfig:
     """4-bit only: quantize the block scales too (4.127 instead of 4.5 bits per weight)."""
     compute_dtype: str = "auto"
     """4-bit only: dtype the quantized layers compute in: auto (bf16 on CUDA that supports it, else float32) | float32 | bfloat16 | float16."""
+    quant_rounding: str = "nearest"
+    """4-bit only: nearest (each weight to its nearest level, as bitsandbytes does) | gptq (error-compensating rounding calibrated on training rows: same format, closer outputs)."""
+    quant_calibration: int = 128
+    """quant_rounding gptq: how many training examples calibrate the rounding."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -165,6 +169,13 @@ class ModelConfig:
             raise LorakitError(f"model.quantize must be one of {', '.join(QUANT_CHOICES)}, got {self.quantize!r}")
         if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise LorakitError(f"model.compute_dtype must be auto, float32, bfloat16 or float16, got {self.compute_dtype!r}")
+        if self.quant_rounding not in ("nearest", "gptq"):
+            raise LorakitError(f"model.quant_rounding must be nearest or gptq, got {self.quant_rounding!r}")
+        if self.quant_rounding == "gptq" and self.quantize not in ("nf4", "fp4"):
+            raise LorakitError(f"model.quant_rounding gptq rounds 4-bit weights: it needs model.quantize nf4 or fp4 "
+                               f"(got {self.quantize!r})")
+        if self.quant_calibration < 1:
+            raise LorakitError(f"model.quant_calibration must be at least 1 example, got {self.quant_calibration}")
 
 
 @dataclass

@@ -23,13 +23,13 @@ from .attention import packed_positions, use_packed_attention
 from .checkpoint import Progress, find_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, dump_yaml
 from .data.dataset import prepare_data
-from .data.packing import Batch, batch_plan, collate
+from .data.packing import Batch, batch_plan, collate, make_batches
 from .errors import LorakitError
 from .evaluate import eval_loss, exact_match, generate_answers, perplexity
 from .loss import causal_lm_loss_sum
 from .model import LoraModel, get_lora_model
 from .distributed import DistContext, full_tensor, init_distributed
-from .models import cache_root, load_model, physical_cores, resolve_device, resolve_precision
+from .models import cache_root, load_model, physical_cores, quant_spec, resolve_device, resolve_precision
 from .quant import prepare_for_kbit_training, quant_summary
 from .rank_schedule import PlateauTracker, grow_adapter_rank, parse_rank_schedule, stage_alpha
 from .runlog import NullLog, RunLog, peak_memory_mb
@@ -152,6 +152,19 @@ def _evaluate(lm: LoraModel, tok, prepared, cfg: RunConfig, device, base: bool) 
     return out, answers
 
 
+def _gptq_quantize(model, cfg: RunConfig, prepared, device) -> str:
+    """Quantize the base with GPTQ rounding, calibrated on the first training examples."""
+    from .gptq import calibrated_quantize
+
+    m_cfg = cfg.model
+    spec = quant_spec(m_cfg.quantize, m_cfg.double_quant, m_cfg.compute_dtype, device)
+    examples = prepared.train[: m_cfg.quant_calibration]
+    rows = make_batches(examples, cfg.data.max_len, 1, True, 0, seed=cfg.train.seed)  # one packed row each: no padding
+    done = calibrated_quantize(model, spec, rows, device)
+    return (f"GPTQ rounding: {done['layers']} layers calibrated on {len(examples)} training examples "
+            f"({done['tokens']} tokens) in {done['seconds']:.0f} s")
+
+
 def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None] = print) -> TrainResult:
     t_cfg, out = cfg.train, Path(cfg.train.out_dir)
     t_begin = time.perf_counter()
@@ -181,16 +194,20 @@ def _train(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
     precision = resolve_precision(t_cfg.precision, resolve_device(m_cfg.device), m_cfg.quantize)
     # Under bf16 autocast the frozen base is kept in bf16 too: half the memory, no per-step casts.
     dtype = "bfloat16" if m_cfg.dtype == "auto" and precision == "bf16" and m_cfg.quantize == "none" else m_cfg.dtype
-    model, tok = load_model(m_cfg.name, m_cfg.device, dtype, m_cfg.trust_remote_code, quantize=m_cfg.quantize,
+    calibrate = m_cfg.quant_rounding == "gptq"  # quantized after the data is read: its rows calibrate the rounding
+    model, tok = load_model(m_cfg.name, m_cfg.device, dtype, m_cfg.trust_remote_code,
+                            quantize="none" if calibrate else m_cfg.quantize,
                             double_quant=m_cfg.double_quant, compute_dtype=m_cfg.compute_dtype)
     device = next(model.parameters()).device
     echo(f"precision: {precision}" + (f", base weights {dtype}" if dtype != "auto" else "")
          + (" (auto: this CPU has native bf16 matmuls; --train.precision fp32 for full fp32)"
             if t_cfg.precision == "auto" and precision == "bf16" and device.type == "cpu" else ""))
+    prepared = prepare_data(cfg.data, tok, t_cfg.seed, cache_root() / "data")
+    if calibrate:
+        echo(_gptq_quantize(model, cfg, prepared, device))
     if m_cfg.quantize != "none":
         prepare_for_kbit_training(model)
         echo(f"base quantized: {quant_summary(model)}")
-    prepared = prepare_data(cfg.data, tok, t_cfg.seed, cache_root() / "data")
     echo(f"data: {len(prepared.train)} train / {len(prepared.val)} validation examples, template {prepared.template}"
          + (" (tokenized data from cache)" if prepared.from_cache else "")
          + (f"; {prepared.stats['too_long']} longer than max_len={cfg.data.max_len} ({cfg.data.truncation})"

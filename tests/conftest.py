@@ -169,3 +169,16 @@ def two_adapters(tiny_model_dir, tmp_path_factory):
         lm.save_pretrained(folder / name)
         paths[name] = folder / name
     return paths
+
+
+def tiny_train_cmd(model_dir, tmp_path, *flags: str) -> tuple[list[str], "Path"]:
+    """A short `lorakit train` command line on 24 alpaca rows ("add i and i") over ``model_dir``,
+    and its run folder; ``flags`` add to (or, given twice, override) the common ones."""
+    import json
+    import sys
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"add {i} and {i}", "output": str(2 * i)}) + "\n" for i in range(24)))
+    run = tmp_path / "run"
+    return ([sys.executable, "-m", "lorakit", "train", "--model", str(model_dir), "--data", str(data), "--out", str(run),
+             *flags, "--data.max_len", "48", "--data.val_size", "4", "--train.threads", "1", "--train.plot", "false"], run)

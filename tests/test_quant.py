@@ -10,7 +10,7 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from conftest import randomize_adapters, tiny_llama  # noqa: E402
+from conftest import randomize_adapters, tiny_llama, tiny_train_cmd  # noqa: E402
 from lorakit import LorakitError, LoraModel  # noqa: E402
 from lorakit.config import LoraConfig  # noqa: E402
 from lorakit.lora import LoraLinear  # noqa: E402
@@ -182,19 +182,14 @@ def test_missing_bitsandbytes_says_how_to_install(monkeypatch):
 def test_cli_qlora_train_then_merge_and_requantize(tiny_model_dir, tmp_path):
     """`lorakit train --quantize nf4 --optimizer adamw8bit`, then `merge --quantize nf4` (float, exact) and
     `merge --requantize` (a 4-bit transformers folder, with the error printed)."""
-    import json
     import subprocess
 
     from transformers import AutoModelForCausalLM
 
     from lorakit.models import load_model
 
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"instruction": f"add {i} and {i}", "output": str(2 * i)}) + "\n" for i in range(24)))
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "lorakit", "train", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(run),
-           "--quantize", "nf4", "--optimizer", "adamw8bit", "--train.max_steps", "3", "--train.lr", "1e-2",
-           "--data.max_len", "48", "--data.val_size", "4", "--train.threads", "1", "--train.plot", "false"]
+    cmd, run = tiny_train_cmd(tiny_model_dir, tmp_path, "--quantize", "nf4", "--optimizer", "adamw8bit",
+                              "--train.max_steps", "3", "--train.lr", "1e-2")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "linear layers NF4 4-bit" in done.stdout and "quantize: nf4" in (run / "config.yaml").read_text()

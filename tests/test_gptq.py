@@ -1,0 +1,136 @@
+"""GPTQ rounding for 4-bit bases: plain rounding when inputs are uncorrelated, results bitsandbytes
+stores exactly, lower output error than nearest rounding on correlated inputs, and a calibrated
+tiny model closer to its float self than a plainly rounded one."""
+
+import pytest
+import torch
+from torch import nn
+
+bnb = pytest.importorskip("bitsandbytes")
+
+from conftest import tiny_llama, tiny_train_cmd  # noqa: E402
+from lorakit import LorakitError  # noqa: E402
+from lorakit.config import ModelConfig  # noqa: E402
+from lorakit.data.packing import Batch  # noqa: E402
+from lorakit.gptq import calibrated_quantize, collect_hessians, four_bit_code, gptq_round  # noqa: E402
+from lorakit.quant import QuantSpec, dequantize_weight, quantize_linear, quantize_model, quantized_layers  # noqa: E402
+
+PLAIN_NF4 = QuantSpec("nf4", double_quant=False)
+
+
+def _nearest(weight: torch.Tensor, spec=PLAIN_NF4) -> torch.Tensor:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    layer.weight.data = weight.clone()
+    return dequantize_weight(quantize_linear(layer, spec))
+
+
+def _correlated_inputs(n: int, dim: int, seed: int) -> torch.Tensor:
+    """Tokens of one distribution (``seed`` draws the tokens): most of their variance in 32 directions,
+    features of different sizes — the structure real activations have and nearest rounding ignores."""
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(32, dim, generator=g)
+    scales = torch.logspace(-0.5, 0.5, dim)[torch.randperm(dim, generator=g)]
+    tokens = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 32, generator=tokens) @ mix + 0.3 * torch.randn(n, dim, generator=tokens)) * scales
+
+
+@pytest.mark.parametrize("method", ["nf4", "fp4"])
+def test_identity_hessian_gives_exactly_nearest_rounding(method):
+    torch.manual_seed(0)
+    w = torch.randn(48, 192) * 0.02
+    q = gptq_round(w, torch.eye(192), four_bit_code(method))
+    torch.testing.assert_close(q, _nearest(w, QuantSpec(method, double_quant=False)), atol=1e-7, rtol=0)
+
+
+def test_gptq_result_is_stored_exactly_and_lowers_the_output_error():
+    torch.manual_seed(1)
+    w = torch.randn(96, 256) * 0.02
+    x_cal, x_new = _correlated_inputs(4096, 256, seed=2), _correlated_inputs(2048, 256, seed=3)
+    q = gptq_round(w, x_cal.T @ x_cal / len(x_cal), four_bit_code("nf4"))
+    # On bitsandbytes' grid with its own absmax scales: re-quantizing changes nothing.
+    torch.testing.assert_close(_nearest(q), q, atol=1e-7, rtol=0)
+    rtn = _nearest(w)
+
+    def out_err(m, x):
+        return ((x @ (m - w).T).norm() / (x @ w.T).norm()).item()
+
+    for x in (x_cal, x_new):  # calibration tokens and unseen tokens of the same distribution
+        assert out_err(q, x) < 0.5 * out_err(rtn, x), (out_err(q, x), out_err(rtn, x))
+    # The price: the weights themselves move further than plain rounding moves them.
+    assert (q - w).norm() > (rtn - w).norm()
+
+
+def _rows(n_rows: int, length: int, seed: int) -> list[Batch]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_rows):
+        ids = torch.randint(3, 90, (1, length), generator=g)
+        pos = torch.arange(length)[None]
+        out.append(Batch(ids, ids.clone(), pos, None, length, length))
+    return out
+
+
+def test_collect_hessians_shares_one_matrix_between_siblings_and_is_the_input_moment():
+    model = tiny_llama()
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n != "lm_head"]
+    seen = {}
+    attn = model.model.layers[0].self_attn
+    hook = attn.q_proj.register_forward_pre_hook(lambda _m, a: seen.setdefault("x", []).append(a[0].reshape(-1, 64)))
+    hessians, tokens = collect_hessians(model, names, _rows(3, 20, seed=0))
+    hook.remove()
+    assert tokens == 60 and set(hessians) == set(names)
+    assert hessians["model.layers.0.self_attn.q_proj"] is hessians["model.layers.0.self_attn.v_proj"]
+    assert hessians["model.layers.0.mlp.gate_proj"] is hessians["model.layers.0.mlp.up_proj"]
+    assert hessians["model.layers.0.self_attn.q_proj"] is not hessians["model.layers.1.self_attn.q_proj"]
+    x = torch.cat(seen["x"])
+    torch.testing.assert_close(hessians["model.layers.0.self_attn.q_proj"], x.T @ x / 60, rtol=1e-5, atol=1e-6)
+
+
+def test_calibrated_model_is_closer_to_the_float_model_than_nearest_rounding():
+    float_model = tiny_llama()
+    nearest, gptq = tiny_llama(), tiny_llama()
+    quantize_model(nearest, PLAIN_NF4)
+    done = calibrated_quantize(gptq, PLAIN_NF4, _rows(16, 32, seed=0), budget_bytes=3 * 4 * 128 ** 2)
+    assert done["layers"] == 14 and done["tokens"] == 16 * 32
+    assert len(list(quantized_layers(gptq))) == 14 and type(gptq.lm_head) is nn.Linear
+    held_out = torch.randint(3, 90, (4, 32), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref = float_model(input_ids=held_out).logits
+        err = {name: (m(input_ids=held_out).logits - ref).pow(2).mean().item()
+               for name, m in (("nearest", nearest), ("gptq", gptq))}
+    assert err["gptq"] < 0.8 * err["nearest"], err
+
+
+def test_gptq_rounding_settings_are_checked():
+    with pytest.raises(LorakitError, match="needs model.quantize nf4 or fp4"):
+        ModelConfig(quant_rounding="gptq")
+    with pytest.raises(LorakitError, match="needs model.quantize nf4 or fp4"):
+        ModelConfig(quantize="int8", quant_rounding="gptq")
+    with pytest.raises(LorakitError, match="nearest or gptq"):
+        ModelConfig(quantize="nf4", quant_rounding="best")
+    with pytest.raises(LorakitError, match="at least 1"):
+        ModelConfig(quantize="nf4", quant_rounding="gptq", quant_calibration=0)
+
+
+def test_cli_train_with_gptq_rounding(tiny_model_dir, tmp_path, capsys):
+    """`lorakit train --quantize nf4 --quant-rounding gptq` calibrates on the run's rows, says so, and
+    records the setting; inference with --quantize over a plainly rounded base warns; a typo in the
+    value stops before the run folder is written."""
+    import argparse
+    import subprocess
+
+    from lorakit.cli_infer import _quant_kwargs
+
+    cmd, run = tiny_train_cmd(tiny_model_dir, tmp_path, "--quantize", "nf4", "--quant-rounding", "gptq",
+                              "--model.quant_calibration", "8", "--train.max_steps", "2")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "GPTQ rounding: 14 layers calibrated on 8 training examples" in done.stdout
+    assert "quant_rounding: gptq" in (run / "config.yaml").read_text() and (run / "adapter" / "adapter_model.safetensors").exists()
+    for adapter, quantize, warned in ((str(run / "adapter"), "nf4", True), (f"a={run / 'adapter'}", "nf4", True),
+                                      (str(run / "adapter"), "none", False)):
+        _quant_kwargs(argparse.Namespace(adapter=[adapter], quantize=quantize, double_quant=True, compute_dtype="auto"))
+        assert ("trained over a GPTQ-rounded base" in capsys.readouterr().err) is warned
+    bad = subprocess.run(cmd + ["--quant-rounding", "gptqq", "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "model.quant_rounding must be nearest or gptq, got 'gptqq'" in bad.stderr
+    assert not (tmp_path / "x").exists()
