@@ -152,13 +152,11 @@ def _evaluate(lm: LoraModel, tok, prepared, cfg: RunConfig, device, base: bool) 
     return out, answers
 
 
-def _gptq_quantize(model, cfg: RunConfig, prepared, device) -> str:
+def _gptq_quantize(model, cfg: RunConfig, prepared, spec, device) -> str:
     """Quantize the base with GPTQ rounding, calibrated on the first training examples."""
     from .gptq import calibrated_quantize
 
-    m_cfg = cfg.model
-    spec = quant_spec(m_cfg.quantize, m_cfg.double_quant, m_cfg.compute_dtype, device)
-    examples = prepared.train[: m_cfg.quant_calibration]
+    examples = prepared.train[: cfg.model.quant_calibration]
     rows = make_batches(examples, cfg.data.max_len, 1, True, 0, seed=cfg.train.seed)  # one packed row each: no padding
     done = calibrated_quantize(model, spec, rows, device)
     return (f"GPTQ rounding: {done['layers']} layers calibrated on {len(examples)} training examples "
@@ -194,7 +192,9 @@ def _train(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
     precision = resolve_precision(t_cfg.precision, resolve_device(m_cfg.device), m_cfg.quantize)
     # Under bf16 autocast the frozen base is kept in bf16 too: half the memory, no per-step casts.
     dtype = "bfloat16" if m_cfg.dtype == "auto" and precision == "bf16" and m_cfg.quantize == "none" else m_cfg.dtype
-    calibrate = m_cfg.quant_rounding == "gptq"  # quantized after the data is read: its rows calibrate the rounding
+    # GPTQ rounding quantizes after the data is read (its rows calibrate it); a missing bitsandbytes is said first.
+    calibrate = m_cfg.quant_rounding == "gptq"
+    spec = quant_spec(m_cfg.quantize, m_cfg.double_quant, m_cfg.compute_dtype, resolve_device(m_cfg.device))
     model, tok = load_model(m_cfg.name, m_cfg.device, dtype, m_cfg.trust_remote_code,
                             quantize="none" if calibrate else m_cfg.quantize,
                             double_quant=m_cfg.double_quant, compute_dtype=m_cfg.compute_dtype)
@@ -204,7 +204,7 @@ def _train(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
             if t_cfg.precision == "auto" and precision == "bf16" and device.type == "cpu" else ""))
     prepared = prepare_data(cfg.data, tok, t_cfg.seed, cache_root() / "data")
     if calibrate:
-        echo(_gptq_quantize(model, cfg, prepared, device))
+        echo(_gptq_quantize(model, cfg, prepared, spec, device))
     if m_cfg.quantize != "none":
         prepare_for_kbit_training(model)
         echo(f"base quantized: {quant_summary(model)}")
