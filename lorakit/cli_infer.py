@@ -32,11 +32,14 @@ def _gptq_trained(adapter: str) -> bool:
     """Whether the run that wrote ``adapter`` (its config.yaml next to it) used GPTQ rounding."""
     from pathlib import Path
 
+    from .config import load_yaml
+
     config = Path(adapter.split("=", 1)[-1]).parent / "config.yaml"
     try:
-        return "quant_rounding: gptq" in config.read_text()
-    except OSError:
+        model = load_yaml(str(config)).get("model") if config.is_file() else None
+    except (LorakitError, OSError):  # not a readable run config: nothing to say
         return False
+    return isinstance(model, dict) and model.get("quant_rounding") == "gptq"
 
 
 def _quant_kwargs(args: argparse.Namespace) -> dict:

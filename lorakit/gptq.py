@@ -123,7 +123,7 @@ def calibrated_quantize(model: nn.Module, spec, batches: list, device=None,
     inputs from ``batches``. Layers are taken in groups whose input matrices fit ``budget_bytes``;
     a group is calibrated on the model as it is by then (earlier groups already quantized, as in
     GPTQ's layer-by-layer order). Returns {layers, tokens, seconds}."""
-    from .quant import quantize_model, quantize_targets
+    from .quant import quantize_model
 
     if spec.method not in ("nf4", "fp4"):
         raise LorakitError(f"model.quant_rounding gptq works with nf4 or fp4, not {spec.method!r}")
@@ -131,23 +131,15 @@ def calibrated_quantize(model: nn.Module, spec, batches: list, device=None,
         raise LorakitError("model.quant_rounding gptq needs calibration rows, and the training data has none")
     t0 = time.perf_counter()
     code = four_bit_code(spec.method)
-    targets = quantize_targets(model)
-    groups: list[list[str]] = [[]]
-    used = 0
-    for name in targets:
-        size = 4 * model.get_submodule(name).in_features ** 2
-        if groups[-1] and used + size > budget_bytes:
-            groups.append([])
-            used = 0
-        groups[-1].append(name)
-        used += size
     tokens = 0
-    for group in groups:
-        hessians, tokens = collect_hessians(model, group, batches)
-        for name in group:
+
+    def round_group(names: list[str]) -> None:
+        nonlocal tokens
+        hessians, tokens = collect_hessians(model, names, batches)
+        for name in names:
             layer = model.get_submodule(name)
             if name in hessians:  # a layer the calibration never reached keeps plain rounding
                 layer.weight.data = gptq_round(layer.weight.data, hessians.pop(name), code)
-        del hessians
-        quantize_model(model, spec, device, only=group)
-    return {"layers": len(targets), "tokens": tokens, "seconds": time.perf_counter() - t0}
+
+    layers = quantize_model(model, spec, device, round_group=round_group, group_bytes=budget_bytes)
+    return {"layers": layers, "tokens": tokens, "seconds": time.perf_counter() - t0}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,7 @@ from .errors import LorakitError
 from .lora import LoraLayer
 
 __all__ = ["QUANT_CHOICES", "QuantSpec", "require_bnb", "nf4_code", "is_quantized", "quantized_layers",
-           "quantize_model", "quantize_targets", "quantize_linear", "spec_of", "dequantize_weight", "dequantize_layer", "dequantize_model", "prepare_for_kbit_training",
+           "quantize_model", "quantize_linear", "spec_of", "dequantize_weight", "dequantize_layer", "dequantize_model", "prepare_for_kbit_training",
            "storage_bytes", "requantize_error", "has_quantized_layers", "quant_summary", "hf_quantization_config"]
 
 
@@ -143,34 +143,49 @@ def _quantize_in_place(model: nn.Module, name: str, spec: QuantSpec, device) -> 
     setattr(owner, leaf, quantize_linear(getattr(owner, leaf), spec, device))
 
 
-def quantize_targets(model: nn.Module) -> list[str]:
-    """Names of the layers ``quantize_model`` quantizes: every ``nn.Linear`` but the output head."""
-    skipped = _skip_paths(model)
-    return [name for name, m in model.named_modules() if type(m) is nn.Linear and name not in skipped]
+def _groups(model: nn.Module, names: list[str], budget_bytes: int) -> list[list[str]]:
+    """``names`` in order, cut into groups whose fp32 (in × in) input matrices fit ``budget_bytes``."""
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name in names:
+        size = 4 * model.get_submodule(name).in_features ** 2
+        if groups[-1] and used + size > budget_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups
 
 
 def quantize_model(model: nn.Module, spec: QuantSpec, device: torch.device | str | None = None,
-                   only: list[str] | None = None) -> int:
-    """Quantize every ``nn.Linear`` of ``model`` in place except the output head (or the layers
-    named in ``only``), onto ``device`` (default: where each weight is); returns how many. Layers
-    are replaced one at a time, so the float copies are freed as they go. GPT-2's Conv1D and other
-    non-Linear layers stay as they are."""
+                   round_group: Callable[[list[str]], None] | None = None, group_bytes: int = 1 << 30) -> int:
+    """Quantize every ``nn.Linear`` of ``model`` in place except the output head, onto ``device``
+    (default: where each weight is); returns how many. Layers are replaced one at a time, so the
+    float copies are freed as they go. GPT-2's Conv1D and other non-Linear layers stay as they are.
+
+    ``round_group(names)``, when given, may replace the float weights of the named layers before
+    they are quantized (GPTQ rounding, ``lorakit.gptq``); it is called on groups of layers in model
+    order whose fp32 (in × in) input matrices fit ``group_bytes``, each group after the previous
+    one is quantized."""
     if spec.method not in QUANT_CHOICES or spec.method == "none":
         raise LorakitError(f"quantize must be one of {', '.join(QUANT_CHOICES[1:])}, got {spec.method!r}")
     require_bnb()
-    targets = [name for name in quantize_targets(model) if only is None or name in only]
-    # Tensors that are (or will be) quantized storage; the rest are float tensors that stay.
-    layers = [model.get_submodule(name) for name in quantize_targets(model)] + [m for _, m in quantized_layers(model)]
-    quantized = {id(t) for m in layers for t in (m.weight, m.bias) if t is not None}
-    del layers
+    skipped = _skip_paths(model)
+    targets = [name for name, m in model.named_modules() if type(m) is nn.Linear and name not in skipped]
+    linears = [model.get_submodule(name) for name in targets]
+    quantized = {id(t) for m in linears for t in (m.weight, m.bias) if t is not None}
+    del linears
     for tensor in [*model.parameters(), *model.buffers()]:
         if id(tensor) not in quantized and tensor.device.type == "cpu":
             # Own the float tensors that stay: a model loaded from safetensors holds views of the
             # memory-mapped file, and the mapping (the float32 size of every weight, once read) is
             # only released when no view of it is left.
             tensor.data = tensor.data.clone()
-    for name in targets:
-        _quantize_in_place(model, name, spec, device)
+    for group in _groups(model, targets, group_bytes) if round_group is not None else [targets]:
+        if round_group is not None:
+            round_group(group)
+        for name in group:
+            _quantize_in_place(model, name, spec, device)
     _release_freed_memory()
     return len(targets)
 

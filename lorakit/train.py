@@ -189,12 +189,13 @@ def _train(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
 
     # ---- setup: everything is validated before the run folder is written ----------------
     m_cfg = cfg.model
-    precision = resolve_precision(t_cfg.precision, resolve_device(m_cfg.device), m_cfg.quantize)
+    target = resolve_device(m_cfg.device)
+    precision = resolve_precision(t_cfg.precision, target, m_cfg.quantize)
     # Under bf16 autocast the frozen base is kept in bf16 too: half the memory, no per-step casts.
     dtype = "bfloat16" if m_cfg.dtype == "auto" and precision == "bf16" and m_cfg.quantize == "none" else m_cfg.dtype
     # GPTQ rounding quantizes after the data is read (its rows calibrate it); a missing bitsandbytes is said first.
     calibrate = m_cfg.quant_rounding == "gptq"
-    spec = quant_spec(m_cfg.quantize, m_cfg.double_quant, m_cfg.compute_dtype, resolve_device(m_cfg.device))
+    spec = quant_spec(m_cfg.quantize, m_cfg.double_quant, m_cfg.compute_dtype, target) if calibrate else None
     model, tok = load_model(m_cfg.name, m_cfg.device, dtype, m_cfg.trust_remote_code,
                             quantize="none" if calibrate else m_cfg.quantize,
                             double_quant=m_cfg.double_quant, compute_dtype=m_cfg.compute_dtype)
