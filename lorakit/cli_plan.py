@@ -92,6 +92,8 @@ def _add_recommend(p: argparse.ArgumentParser) -> None:
                    help="memory to fit in, e.g. 8GB (default: the GPU's, else this machine's RAM)")
     p.add_argument("--out", default="recommended.yaml", help="YAML written for lorakit train --config (default recommended.yaml)")
     p.add_argument("--run-dir", default="runs/recommended", help="train.out_dir written into the YAML")
+    p.add_argument("--sample", type=int, default=20_000, metavar="N",
+                   help="tokenize at most N examples (a seeded random sample) for the lengths; 0 = all (default 20000)")
 
 
 def _cmd_recommend(args: argparse.Namespace) -> int:
@@ -108,7 +110,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     memory, source = (parse_size(args.device_memory), "--device-memory") if args.device_memory else default_memory()
     model_cfg = load_model_config(args.model)
     shape = shape_from_config(model_cfg)
-    profile = profile_data(data, load_tokenizer(args.model))
+    profile = profile_data(data, load_tokenizer(args.model), args.sample)
     rec = recommend(profile, shape, args.model, data, memory, source,
                     getattr(model_cfg, "max_position_embeddings", None), args.run_dir,
                     dtype=_auto_dtype(_device_kind("auto")))

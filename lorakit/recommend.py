@@ -36,6 +36,7 @@ class DataProfile:
     length_max: int
     answer_p50: int  # tokens trained on per example (the answers), median
     label_fraction: float  # trained tokens / all tokens
+    measured: int = 0  # examples tokenized for the lengths (all of them, or a random sample); 0 = all
 
 
 def _percentile(values: list[int], q: float) -> int:
@@ -43,24 +44,33 @@ def _percentile(values: list[int], q: float) -> int:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def profile_data(data: DataConfig, tokenizer: Any) -> DataProfile:
-    """Tokenize every example of ``data`` (nothing truncated) and measure it."""
+def profile_data(data: DataConfig, tokenizer: Any, sample: int = 20_000, seed: int = 0) -> DataProfile:
+    """Measure ``data``: every example is counted and its turns read; the token lengths come from
+    every example up to ``sample`` of them, else from a seeded random sample of ``sample``
+    (percentiles of 20k examples are within a token or two of the full set's; 0 = tokenize all)."""
+    import random
+
     from .data.formats import data_files, load_examples
     from .data.templates import encode_example, resolve_template
 
     if data.path is None:
         raise LorakitError("recommend needs --data FILE (a .json/.jsonl/.csv/.parquet file or a folder of them)")
+    if sample < 0:
+        raise LorakitError(f"--sample must be ≥ 0 (0 tokenizes every example), got {sample}")
     examples = load_examples(data_files(data.path), data.format, data.columns)
+    turns = [sum(1 for m in ex.get("messages", []) if m.get("role") == "assistant") for _, ex in examples]
+    chosen = examples
+    if sample and len(examples) > sample:
+        chosen = [examples[i] for i in sorted(random.Random(seed).sample(range(len(examples)), sample))]
     template = resolve_template(data.template, tokenizer)
-    lengths, answers, turns = [], [], []
-    for where, ex in examples:
+    lengths, answers = [], []
+    for where, ex in chosen:
         enc = encode_example(ex, template, tokenizer, data.train_on_prompt, where)
         lengths.append(len(enc.input_ids))
         answers.append(enc.n_labels)
-        turns.append(sum(1 for m in ex.get("messages", []) if m.get("role") == "assistant"))
     return DataProfile(len(examples), sum(t > 1 for t in turns) / len(turns), _percentile(lengths, 0.5),
                        _percentile(lengths, 0.95), max(lengths), _percentile(answers, 0.5),
-                       sum(answers) / max(1, sum(lengths)))
+                       sum(answers) / max(1, sum(lengths)), len(chosen) if len(chosen) < len(examples) else 0)
 
 
 def default_memory() -> tuple[float, str]:
@@ -122,7 +132,8 @@ def recommend(profile: DataProfile, shape: ModelShape, model_name: str, data: Da
     cap_note = ""
     if max_positions and max_len > max_positions:
         max_len, cap_note = max_positions, f", capped at the model's {max_positions} positions"
-    longer = f"the longest is {profile.length_max}" if profile.length_max > max_len else "none is longer"
+    seen = " measured" if profile.measured else ""
+    longer = f"the longest{seen} is {profile.length_max}" if profile.length_max > max_len else f"none{seen} is longer"
     why("data.max_len", max_len, f"95% of examples are ≤ {profile.length_p95} tokens (rounded up to 64{cap_note}); {longer}")
     packing = why("data.packing", profile.length_p50 * 2 <= max_len,
                   f"median example {profile.length_p50} tokens: packing fills rows with several" if profile.length_p50 * 2 <= max_len
@@ -179,8 +190,9 @@ def recommend(profile: DataProfile, shape: ModelShape, model_name: str, data: Da
 
 
 def format_recommendation(rec: Recommendation, profile: DataProfile) -> str:
-    lines = [f"data: {profile.examples:,} examples; tokens per example p50 {profile.length_p50}, p95 {profile.length_p95}, "
-             f"max {profile.length_max}; median answer {profile.answer_p50} tokens; "
+    sampled = f" (lengths from a random {profile.measured:,})" if profile.measured else ""
+    lines = [f"data: {profile.examples:,} examples{sampled}; tokens per example p50 {profile.length_p50}, "
+             f"p95 {profile.length_p95}, max {profile.length_max}; median answer {profile.answer_p50} tokens; "
              f"{100 * profile.multi_turn:.0f}% multi-turn", ""]
     width = max(len(k) for k, _, _ in rec.reasons)
     for key, value, text in rec.reasons:

@@ -79,6 +79,26 @@ def test_large_multi_turn_gets_rank_32_rslora(tiny_model_dir, tmp_path, capsys):
     lora = cfg["lora"]
     assert (lora["r"], lora["alpha"], lora["use_rslora"], lora["target_modules"]) == (32, 64, True, "all-linear")
     assert cfg["train"]["epochs"] == 1 and "100% multi-turn" in out
+    assert "51,000 examples (lengths from a random 20,000)" in out  # counted in full, tokenized in part
+
+
+def test_sampled_lengths_match_the_full_measure(tiny_model_dir, tmp_path):
+    from lorakit.models import load_tokenizer
+    from lorakit.recommend import profile_data
+
+    # answers of 1..120 words, so the percentiles move with the sample
+    rows = [{"instruction": f"item {i}", "output": " ".join(WORDS[:1 + (i * 37) % 120 % len(WORDS)] * (1 + i % 11))}
+            for i in range(3_000)]
+    path = _write(tmp_path / "varied.jsonl", rows)
+    tok = load_tokenizer(str(tiny_model_dir))
+    full = profile_data(DataConfig(path=str(path)), tok, sample=0)
+    part = profile_data(DataConfig(path=str(path)), tok, sample=600)
+    assert full.measured == 0 and part.measured == 600 and part.examples == full.examples == 3_000
+    assert full.length_p95 - full.length_p50 > 50  # a spread worth sampling
+    assert abs(part.length_p50 - full.length_p50) <= 0.05 * full.length_p50
+    assert abs(part.length_p95 - full.length_p95) <= 0.05 * full.length_p95
+    assert abs(part.label_fraction - full.label_fraction) < 0.02
+    assert profile_data(DataConfig(path=str(path)), tok, sample=600) == part  # seeded: the same sample each time
 
 
 def _profile(n=2_000, p95=900):
@@ -104,4 +124,9 @@ def test_recommend_bad_input(tmp_path, capsys, tiny_model_dir):
     code = main(["recommend", "--data", str(tmp_path / "missing.jsonl"), "--model", str(tiny_model_dir),
                  "--out", str(tmp_path / "r.yaml")])
     assert code == 2 and "missing.jsonl" in capsys.readouterr().err
+    assert not (tmp_path / "r.yaml").exists()
+    data = _write(tmp_path / "ok.jsonl", _short(3))
+    code = main(["recommend", "--data", str(data), "--model", str(tiny_model_dir), "--sample", "-1",
+                 "--out", str(tmp_path / "r.yaml")])
+    assert code == 2 and "--sample must be ≥ 0" in capsys.readouterr().err
     assert not (tmp_path / "r.yaml").exists()
