@@ -23,19 +23,9 @@ from typing import Any, Callable, Optional, Union
 from .errors import LorakitError
 from .generation import Output, Request, Sampling
 from .infer import Engine
+from .serve_settings import ServeSettings
 
 __all__ = ["ServeSettings", "Scheduler", "create_app"]
-
-
-@dataclass
-class ServeSettings:
-    api_key: str | None = None
-    adapters_dir: str | None = None
-    max_batch: int = 16
-    batch_window_s: float = 0.01
-    max_tokens_limit: int = 2048
-    default_max_tokens: int = 256
-    max_body_bytes: int = 1 << 20
 
 
 @dataclass
