@@ -179,13 +179,15 @@ def test_missing_bitsandbytes_says_how_to_install(monkeypatch):
         require_bnb()
 
 
-def test_cli_qlora_train_then_merge_and_requantize(tiny_model_dir, tmp_path):
-    """`lorakit train --quantize nf4 --optimizer adamw8bit`, then `merge --quantize nf4` (float, exact) and
-    `merge --requantize` (a 4-bit transformers folder, with the error printed)."""
+def test_cli_qlora_train_then_merge_and_requantize(tiny_model_dir, tmp_path, capsys):
+    """`lorakit train --quantize nf4 --optimizer adamw8bit` (a real process), then `merge --quantize nf4`
+    (float, exact), `merge --requantize` (a 4-bit transformers folder, with the error printed) and
+    `generate --quantize nf4` (in this process: the same entry point, without re-importing torch)."""
     import subprocess
 
     from transformers import AutoModelForCausalLM
 
+    from lorakit.cli import main
     from lorakit.models import load_model
 
     cmd, run = tiny_train_cmd(tiny_model_dir, tmp_path, "--quantize", "nf4", "--optimizer", "adamw8bit",
@@ -194,11 +196,9 @@ def test_cli_qlora_train_then_merge_and_requantize(tiny_model_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "linear layers NF4 4-bit" in done.stdout and "quantize: nf4" in (run / "config.yaml").read_text()
 
-    merge = [sys.executable, "-m", "lorakit", "merge", "--model", str(tiny_model_dir), "--adapter", str(run / "adapter"),
-             "--quantize", "nf4"]
-    done = subprocess.run(merge + ["--out", str(tmp_path / "merged")], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "dequantized nf4 base, saved as float32" in done.stdout
+    merge = ["merge", "--model", str(tiny_model_dir), "--adapter", str(run / "adapter"), "--quantize", "nf4"]
+    assert main(merge + ["--out", str(tmp_path / "merged")]) == 0
+    assert "dequantized nf4 base, saved as float32" in capsys.readouterr().out
     base, _ = load_model(str(tiny_model_dir), "cpu", quantize="nf4")
     lm = LoraModel.from_pretrained(base, run / "adapter").eval()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
@@ -206,16 +206,15 @@ def test_cli_qlora_train_then_merge_and_requantize(tiny_model_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, lm(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
 
-    done = subprocess.run(merge + ["--out", str(tmp_path / "requant"), "--requantize"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "warning: re-quantizing to nf4 changes the merged weights by" in done.stderr
+    assert main(merge + ["--out", str(tmp_path / "requant"), "--requantize"]) == 0
+    assert "warning: re-quantizing to nf4 changes the merged weights by" in capsys.readouterr().err
     requant = AutoModelForCausalLM.from_pretrained(tmp_path / "requant")
     assert isinstance(requant.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
 
-    gen = subprocess.run([sys.executable, "-m", "lorakit", "generate", "--model", str(tiny_model_dir), "--adapter",
-                          str(run / "adapter"), "--quantize", "nf4", "--prompt", "add 1 and 1", "--max-new-tokens", "3"],
-                         capture_output=True, text=True, timeout=120)
-    assert gen.returncode == 0, gen.stderr[-2000:]  # (a tiny random model may answer with whitespace)
+    # (a tiny random model may answer with whitespace: the run itself is what is checked)
+    assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(run / "adapter"), "--quantize", "nf4",
+                 "--prompt", "add 1 and 1", "--max-new-tokens", "3"]) == 0
 
-    bad = subprocess.run(merge[:-2] + ["--requantize", "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "also pass --quantize" in bad.stderr and not (tmp_path / "x").exists()
+    capsys.readouterr()
+    assert main(merge[:-2] + ["--requantize", "--out", str(tmp_path / "x")]) == 2
+    assert "also pass --quantize" in capsys.readouterr().err and not (tmp_path / "x").exists()
