@@ -1,13 +1,15 @@
 """QLoRA against fp32 LoRA on the built-in demo task, and what merging a QLoRA adapter costs.
 
-    .venv/bin/python bench/qlora_demo.py [--out /tmp/qlora-bench] [--model smollm2-135m] [--seeds 0 1]
+    .venv/bin/python bench/qlora_demo.py [--out /tmp/qlora-bench] [--model smollm2-135m] [--seeds 42 1]
+                                         [--variants lora nearest gptq]
 
 1. Trains the demo three ways with the same settings — `lorakit train` (fp32 base, fp32 compute),
    `lorakit train --quantize nf4` and `lorakit train --quantize nf4 --quant-rounding gptq` — each in
    its own process, once per seed, and reports held-out exact match and eval loss before/after,
    tokens/s, and the process's peak RSS (from wait4, the whole process).
 2. Measures the quantized linear weights on the model's own tensors against their fp32 size.
-3. Evaluates the QLoRA adapter four ways: unmerged over the 4-bit base (what training saw), merged
+3. Evaluates the GPTQ run's adapter over the float base, a nearest-rounded base and the 4-bit
+   base the run saved (what `--quantize nf4` loads for it), and the QLoRA adapter four ways: unmerged over the 4-bit base (what training saw), merged
    into the dequantized base (lorakit merge), merged into the original fp32 weights, and merged then
    re-quantized to NF4 (lorakit merge --requantize) — plus the measured re-quantization error.
 """
@@ -97,8 +99,9 @@ def merge_variants(run: Path) -> tuple[list[tuple[str, dict]], dict]:
     return results, err
 
 
-def adapter_scores(run: Path, quantize: str) -> dict:
-    """Held-out scores of ``run``'s adapter over the base loaded with ``quantize`` (nearest rounding)."""
+def adapter_scores(run: Path, quantize: str, quantized_base: Path | None = None) -> dict:
+    """Held-out scores of ``run``'s adapter over the base loaded with ``quantize`` (nearest rounding,
+    or the 4-bit layers saved in ``quantized_base``)."""
     from lorakit.config import load_yaml, run_config_from_dict
     from lorakit.data.dataset import prepare_data
     from lorakit.model import LoraModel
@@ -106,7 +109,7 @@ def adapter_scores(run: Path, quantize: str) -> dict:
     from lorakit.train import _evaluate
 
     cfg = run_config_from_dict(load_yaml(run / "config.yaml"))
-    base, tok = load_model(cfg.model.name, "cpu", "float32", quantize=quantize)
+    base, tok = load_model(cfg.model.name, "cpu", "float32", quantize=quantize, quantized_base=quantized_base)
     lm = LoraModel.from_pretrained(base, run / "adapter").eval()
     prepared = prepare_data(cfg.data, tok, cfg.train.seed, cache_root() / "data")
     return _evaluate(lm, tok, prepared, cfg, torch.device("cpu"), base=False)[0]
@@ -117,14 +120,18 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/qlora-bench")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 1], help="train.seed of each run (the demo's default is 42)")
+    ap.add_argument("--variants", nargs="+", choices=["lora", "nearest", "gptq"], default=["lora", "nearest", "gptq"],
+                    help="which runs to train (LoRA is the reference and always runs); merging needs nearest")
     args = ap.parse_args()
     out = Path(args.out)
     model_flag = ["--model", args.model]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}", flush=True)
 
-    runs: dict[str, list[dict]] = {label: [] for label in RUNS}
+    chosen = {label: extra for label, extra in RUNS.items()
+              if label.startswith("LoRA") or ("gptq" if "GPTQ" in label else "nearest") in args.variants}
+    runs: dict[str, list[dict]] = {label: [] for label in chosen}
     for seed in args.seeds:
-        for label, extra in RUNS.items():
+        for label, extra in chosen.items():
             print(f"training: {label}, seed {seed} ...", flush=True)
             folder = out / f"{label.split(',')[0].lower()}{'-gptq' if 'GPTQ' in label else ''}-seed{seed}"
             runs[label].append(run_train(folder, model_flag + extra + ["--train.seed", str(seed)]))
@@ -145,7 +152,7 @@ def main() -> None:
         return sum(key(r) for r in runs[label]) / len(runs[label])
 
     ref = "LoRA, fp32 base"
-    for label in list(RUNS)[1:]:
+    for label in list(chosen)[1:]:
         print(f"{label} / LoRA over {len(args.seeds)} seed(s): eval loss "
               f"{mean(label, lambda r: r['after']['eval_loss']):.4f} / {mean(ref, lambda r: r['after']['eval_loss']):.4f} = "
               f"{mean(label, lambda r: r['after']['eval_loss']) / mean(ref, lambda r: r['after']['eval_loss']):.3f}×, "
@@ -153,18 +160,28 @@ def main() -> None:
               f"tokens/s {mean(label, lambda r: r['tokens_per_s']) / mean(ref, lambda r: r['tokens_per_s']):.2f}×, "
               f"peak RSS {mean(label, lambda r: r['peak_rss_mib']) / mean(ref, lambda r: r['peak_rss_mib']):.2f}×")
 
-    print("\nmerging the QLoRA adapter:", flush=True)
-    results, err = merge_variants(out / f"qlora-seed{args.seeds[0]}")
-    print("\n| QLoRA adapter evaluated | eval loss | exact match |")
-    print("|---|---|---|")
-    for label, s in results:
-        print(f"| {label} | {s['eval_loss']:.4f} | {s.get('exact_match', 0):.1f}% |")
-    gptq_run = out / f"qlora-gptq-seed{args.seeds[0]}"
+    if "gptq" in args.variants:
+        gptq_adapter_elsewhere(out / f"qlora-gptq-seed{args.seeds[0]}")
+    if "nearest" in args.variants:
+        print("\nmerging the QLoRA adapter:", flush=True)
+        results, err = merge_variants(out / f"qlora-seed{args.seeds[0]}")
+        print("\n| QLoRA adapter evaluated | eval loss | exact match |")
+        print("|---|---|---|")
+        for label, s in results:
+            print(f"| {label} | {s['eval_loss']:.4f} | {s.get('exact_match', 0):.1f}% |")
+        print(f"\nre-quantization error: {100 * err['update_error']:.1f}% of the update's norm, "
+              f"{100 * err['weight_error']:.2f}% of the merged weights' norm")
+
+
+def gptq_adapter_elsewhere(gptq_run: Path) -> None:
+    """The GPTQ run's adapter over the float base, a nearest-rounded base, and the base the run saved."""
     print("\nthe GPTQ-rounded run's adapter elsewhere:", flush=True)
-    for label, quantize in (("over the original fp32 base", "none"), ("over a nearest-rounded NF4 base", "nf4")):
-        print(f"| {label} | " + " | ".join(f"{v:.4f}" for v in adapter_scores(gptq_run, quantize).values()) + " |")
-    print(f"\nre-quantization error: {100 * err['update_error']:.1f}% of the update's norm, "
-          f"{100 * err['weight_error']:.2f}% of the merged weights' norm")
+    saved = gptq_run / "quantized_base.safetensors"
+    print(f"saved 4-bit base: {saved.stat().st_size / 2**20:.1f} MiB")
+    for label, quantize, stored in (("over the original fp32 base", "none", None),
+                                    ("over a nearest-rounded NF4 base", "nf4", None),
+                                    ("over the GPTQ base saved with the run (--quantize nf4 loads it)", "nf4", saved)):
+        print(f"| {label} | " + " | ".join(f"{v:.4f}" for v in adapter_scores(gptq_run, quantize, stored).values()) + " |")
 
 
 if __name__ == "__main__":

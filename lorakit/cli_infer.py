@@ -28,27 +28,42 @@ def _model_args(p: argparse.ArgumentParser, adapters: str = "many") -> None:
     p.add_argument("--compute-dtype", default="auto", help="4-bit compute dtype: auto | float32 | bfloat16 | float16")
 
 
-def _gptq_trained(adapter: str) -> bool:
-    """Whether the run that wrote ``adapter`` (its config.yaml next to it) used GPTQ rounding."""
+def _gptq_base(adapter: str) -> tuple[bool, "Path | None"]:
+    """Whether the run that wrote ``adapter`` (its config.yaml next to it) used GPTQ rounding, and
+    the 4-bit base that run saved (next to the adapter, or in the run folder of a checkpoint's)."""
     from pathlib import Path
 
     from .config import load_yaml
+    from .quantized_base import QUANTIZED_BASE
 
-    config = Path(adapter.split("=", 1)[-1]).parent / "config.yaml"
+    folder = Path(adapter.split("=", 1)[-1]).parent
+    config = folder / "config.yaml"
     try:
         model = load_yaml(str(config)).get("model") if config.is_file() else None
     except (LorakitError, OSError):  # not a readable run config: nothing to say
-        return False
-    return isinstance(model, dict) and model.get("quant_rounding") == "gptq"
+        return False, None
+    if not (isinstance(model, dict) and model.get("quant_rounding") == "gptq"):
+        return False, None
+    run = folder.parent.parent if folder.parent.name == "checkpoints" else folder
+    return True, next((f for f in (folder / QUANTIZED_BASE, run / QUANTIZED_BASE) if f.is_file()), None)
 
 
 def _quant_kwargs(args: argparse.Namespace) -> dict:
+    kwargs = {"quantize": args.quantize, "double_quant": args.double_quant, "compute_dtype": args.compute_dtype}
     adapters = [args.adapter] if isinstance(getattr(args, "adapter", None), str) else getattr(args, "adapter", [])
-    if args.quantize != "none" and any(_gptq_trained(a) for a in adapters):
-        print(f"warning: the adapter was trained over a GPTQ-rounded base; --quantize {args.quantize} rounds to nearest, "
-              "a different base (on the demo task: eval loss 0.0247 instead of 0.0135). Leave out --quantize to use it "
-              "over the original weights.", file=sys.stderr)
-    return {"quantize": args.quantize, "double_quant": args.double_quant, "compute_dtype": args.compute_dtype}
+    found = [_gptq_base(a) for a in adapters] if args.quantize != "none" else []
+    bases = list(dict.fromkeys(path for gptq, path in found if path is not None))
+    if bases:
+        kwargs["quantized_base"] = bases[0]
+        print(f"4-bit base: the GPTQ-rounded weights saved with the run ({bases[0]})", file=sys.stderr)
+        if len(bases) > 1:
+            print(f"warning: the adapters come from runs with {len(bases)} different GPTQ-rounded bases; all of them "
+                  f"run over the first", file=sys.stderr)
+    elif any(gptq for gptq, _ in found):
+        print(f"warning: the adapter was trained over a GPTQ-rounded base that its run folder no longer holds; "
+              f"--quantize {args.quantize} rounds to nearest, a different base (on the demo task: eval loss 0.0247 "
+              "instead of 0.0135). Leave out --quantize to use it over the original weights.", file=sys.stderr)
+    return kwargs
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -321,7 +336,7 @@ def _cmd_combine(args: argparse.Namespace) -> int:
 # ---- serve ---------------------------------------------------------------------------------
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
-    from .serve import ServeSettings
+    from .serve_settings import ServeSettings
 
     d = ServeSettings()
     _model_args(p)

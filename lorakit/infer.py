@@ -80,15 +80,16 @@ class Engine:
 
 def load_engine(model: str, adapters: list[str] | None = None, device: str = "auto", dtype: str = "auto",
                 template: str = "auto", trust_remote_code: bool = False, quantize: str = "none",
-                double_quant: bool = True, compute_dtype: str = "auto") -> Engine:
-    """Load the base (quantized with ``quantize`` nf4 | fp4 | int8) and each ``NAME=PATH`` adapter
-    (every adapter is checked before any is used)."""
+                double_quant: bool = True, compute_dtype: str = "auto", quantized_base=None) -> Engine:
+    """Load the base (quantized with ``quantize`` nf4 | fp4 | int8, or from the ``quantized_base``
+    file a GPTQ-rounded run saved) and each ``NAME=PATH`` adapter (every adapter is checked before
+    any is used)."""
     specs = [parse_adapter_spec(a) for a in adapters or []]
     names = [n for n, _ in specs]
     if len(set(names)) != len(names):
         raise LorakitError(f"two adapters share a name: {names}; use NAME=PATH to name them")
     base, tok = load_model(model, device, dtype, trust_remote_code, quantize=quantize, double_quant=double_quant,
-                           compute_dtype=compute_dtype)
+                           compute_dtype=compute_dtype, quantized_base=quantized_base)
     base.eval()
     engine = Engine(base, tok, resolve_template(template, tok), base_name=Path(model).name if Path(model).exists() else model)
     for name, path in specs:

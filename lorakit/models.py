@@ -269,16 +269,19 @@ def quant_spec(quantize: str = "none", double_quant: bool = True, compute_dtype:
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
                attn_implementation: str | None = "sdpa", quantize: str = "none", double_quant: bool = True,
-               compute_dtype: str = "auto"):
+               compute_dtype: str = "auto", quantized_base: str | os.PathLike | None = None):
     """(model, tokenizer) for ``name``: a folder, a .gguf file, a hub id, or an embedded name.
 
     ``quantize`` nf4 | fp4 | int8 stores the linear layers (not the output head) quantized on the
-    target device; see ``lorakit.quant``."""
+    target device; see ``lorakit.quant``. ``quantized_base``, a file a GPTQ-rounded run saved
+    (``lorakit.quantized_base``), supplies those 4-bit layers instead of rounding them afresh."""
     from transformers import AutoModelForCausalLM
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     spec = quant_spec(quantize, double_quant, compute_dtype, dev)
+    if quantized_base is not None and (spec is None or spec.method == "int8"):
+        raise LorakitError(f"the saved 4-bit base {quantized_base} needs quantize nf4 or fp4, not {quantize!r}")
     source = resolve_source(name)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
@@ -289,7 +292,11 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     except (OSError, ValueError) as err:
         raise LorakitError(f"could not load a causal LM from {name!r}: {str(err).splitlines()[0]}") from None
     tokenizer = _tokenizer_from(folder, trust_remote_code)
-    if spec is not None:
+    if spec is not None and quantized_base is not None:
+        from .quantized_base import restore_quantized_base
+
+        restore_quantized_base(model, quantized_base, spec, dev)
+    elif spec is not None:
         from .quant import quantize_model
 
         quantize_model(model, spec, dev)  # layer by layer, on the target device: the float copies go as it goes

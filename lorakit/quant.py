@@ -136,11 +136,26 @@ def _release_freed_memory() -> None:
         trim(0)
 
 
-def _quantize_in_place(model: nn.Module, name: str, spec: QuantSpec, device) -> None:
-    # One layer per call: the float layer is no longer referenced once this returns.
+def take_linears(model: nn.Module) -> list[str]:
+    """The names of the ``nn.Linear`` layers a quantized base stores in low precision (all but the
+    output head), in model order. The float tensors that stay are made the model's own first: a
+    model loaded from safetensors holds views of the memory-mapped file, and the mapping (the
+    float32 size of every weight, once read) is only released when no view of it is left."""
+    skipped = _skip_paths(model)
+    targets = [name for name, m in model.named_modules() if type(m) is nn.Linear and name not in skipped]
+    linears = [model.get_submodule(name) for name in targets]
+    quantized = {id(t) for m in linears for t in (m.weight, m.bias) if t is not None}
+    del linears
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in quantized and tensor.device.type == "cpu":
+            tensor.data = tensor.data.clone()
+    return targets
+
+
+def replace_layer(model: nn.Module, name: str, layer: nn.Module) -> None:
+    """Put ``layer`` where ``name`` is; the old layer is no longer referenced once this returns."""
     parent, _, leaf = name.rpartition(".")
-    owner = model.get_submodule(parent) if parent else model
-    setattr(owner, leaf, quantize_linear(getattr(owner, leaf), spec, device))
+    setattr(model.get_submodule(parent) if parent else model, leaf, layer)
 
 
 def _groups(model: nn.Module, names: list[str], budget_bytes: int) -> list[list[str]]:
@@ -170,22 +185,12 @@ def quantize_model(model: nn.Module, spec: QuantSpec, device: torch.device | str
     if spec.method not in QUANT_CHOICES or spec.method == "none":
         raise LorakitError(f"quantize must be one of {', '.join(QUANT_CHOICES[1:])}, got {spec.method!r}")
     require_bnb()
-    skipped = _skip_paths(model)
-    targets = [name for name, m in model.named_modules() if type(m) is nn.Linear and name not in skipped]
-    linears = [model.get_submodule(name) for name in targets]
-    quantized = {id(t) for m in linears for t in (m.weight, m.bias) if t is not None}
-    del linears
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if id(tensor) not in quantized and tensor.device.type == "cpu":
-            # Own the float tensors that stay: a model loaded from safetensors holds views of the
-            # memory-mapped file, and the mapping (the float32 size of every weight, once read) is
-            # only released when no view of it is left.
-            tensor.data = tensor.data.clone()
+    targets = take_linears(model)
     for group in _groups(model, targets, group_bytes) if round_group is not None else [targets]:
         if round_group is not None:
             round_group(group)
         for name in group:
-            _quantize_in_place(model, name, spec, device)
+            replace_layer(model, name, quantize_linear(model.get_submodule(name), spec, device))
     _release_freed_memory()
     return len(targets)
 

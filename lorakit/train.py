@@ -31,6 +31,7 @@ from .model import LoraModel, get_lora_model
 from .distributed import DistContext, full_tensor, init_distributed
 from .models import cache_root, load_model, physical_cores, quant_spec, resolve_device, resolve_precision
 from .quant import prepare_for_kbit_training, quant_summary
+from .quantized_base import QUANTIZED_BASE, save_quantized_base
 from .rank_schedule import PlateauTracker, grow_adapter_rank, parse_rank_schedule, stage_alpha
 from .runlog import NullLog, RunLog, peak_memory_mb
 
@@ -194,11 +195,14 @@ def _train(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
     # Under bf16 autocast the frozen base is kept in bf16 too: half the memory, no per-step casts.
     dtype = "bfloat16" if m_cfg.dtype == "auto" and precision == "bf16" and m_cfg.quantize == "none" else m_cfg.dtype
     # GPTQ rounding quantizes after the data is read (its rows calibrate it); a missing bitsandbytes is said first.
-    calibrate = m_cfg.quant_rounding == "gptq"
+    # A resumed GPTQ run reloads the base it saved when it started (bit for bit, no recalibration).
+    saved_base = out / QUANTIZED_BASE if m_cfg.quant_rounding == "gptq" and resume_from is not None else None
+    saved_base = saved_base if saved_base is not None and saved_base.is_file() else None
+    calibrate = m_cfg.quant_rounding == "gptq" and saved_base is None
     spec = quant_spec(m_cfg.quantize, m_cfg.double_quant, m_cfg.compute_dtype, target) if calibrate else None
     model, tok = load_model(m_cfg.name, m_cfg.device, dtype, m_cfg.trust_remote_code,
                             quantize="none" if calibrate else m_cfg.quantize,
-                            double_quant=m_cfg.double_quant, compute_dtype=m_cfg.compute_dtype)
+                            double_quant=m_cfg.double_quant, compute_dtype=m_cfg.compute_dtype, quantized_base=saved_base)
     device = next(model.parameters()).device
     echo(f"precision: {precision}" + (f", base weights {dtype}" if dtype != "auto" else "")
          + (" (auto: this CPU has native bf16 matmuls; --train.precision fp32 for full fp32)"
@@ -206,6 +210,8 @@ def _train(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
     prepared = prepare_data(cfg.data, tok, t_cfg.seed, cache_root() / "data")
     if calibrate:
         echo(_gptq_quantize(model, cfg, prepared, spec, device))
+    elif saved_base is not None:
+        echo(f"GPTQ-rounded base restored from {saved_base}")
     if m_cfg.quantize != "none":
         prepare_for_kbit_training(model)
         echo(f"base quantized: {quant_summary(model)}")
@@ -263,6 +269,10 @@ def _train(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_yaml)
+        if calibrate:  # the adapter is only right over this base, which nothing but this run's data rebuilds
+            save_quantized_base(model, out / QUANTIZED_BASE)
+            echo(f"saved the GPTQ-rounded base with the run: {out / QUANTIZED_BASE} "
+                 f"({(out / QUANTIZED_BASE).stat().st_size / 2**20:.1f} MiB; inference with --quantize uses it)")
         log = RunLog(out, total_steps, progress.step, show_progress, t_cfg.plot, t_cfg.tensorboard,
                      resumed=resume_from is not None)
     else:

@@ -8,12 +8,13 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from conftest import tiny_llama, tiny_train_cmd  # noqa: E402
+from conftest import tiny_bloom, tiny_llama, tiny_train_cmd  # noqa: E402
 from lorakit import LorakitError  # noqa: E402
 from lorakit.config import ModelConfig  # noqa: E402
 from lorakit.data.packing import Batch  # noqa: E402
 from lorakit.gptq import calibrated_quantize, collect_hessians, four_bit_code, gptq_round  # noqa: E402
 from lorakit.quant import QuantSpec, dequantize_weight, quantize_linear, quantize_model, quantized_layers  # noqa: E402
+from lorakit.quantized_base import QUANTIZED_BASE, restore_quantized_base, save_quantized_base  # noqa: E402
 
 PLAIN_NF4 = QuantSpec("nf4", double_quant=False)
 
@@ -101,6 +102,91 @@ def test_calibrated_model_is_closer_to_the_float_model_than_nearest_rounding():
     assert err["gptq"] < 0.8 * err["nearest"], err
 
 
+def test_saved_base_comes_back_bit_for_bit_and_refuses_another_model(tmp_path):
+    from lorakit import LoraConfig, get_lora_model
+
+    spec = QuantSpec("nf4", double_quant=True)
+    trained = tiny_llama()
+    calibrated_quantize(trained, spec, _rows(8, 32, seed=0))
+    lm = get_lora_model(trained, LoraConfig(r=4, alpha=8, target_modules="all-linear"))  # B = 0: output unchanged
+    path = tmp_path / QUANTIZED_BASE
+    assert save_quantized_base(trained, path) == 14  # the wrapped layers, saved under their plain names
+    packed = sum(m.weight.numel() // 2 for m in tiny_llama().modules() if type(m) is nn.Linear) - 96 * 64 // 2  # not the head
+    assert packed < path.stat().st_size < packed * 1.05 + 14 * 2560  # 4 bits a weight + scales + ~2 KB of tables a layer
+
+    restored, nearest = tiny_llama(), tiny_llama()
+    assert restore_quantized_base(restored, path, spec) == 14
+    quantize_model(nearest, spec)
+    layers = dict(quantized_layers(restored))
+    for name, layer in quantized_layers(trained):
+        twin = layers[name.removesuffix(".base_layer")]
+        assert torch.equal(twin.weight.data, layer.weight.data)
+        assert torch.equal(dequantize_weight(twin), dequantize_weight(layer))
+    ids = torch.randint(3, 90, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = lm(input_ids=ids).logits
+        assert torch.equal(restored(input_ids=ids).logits, want)
+        assert not torch.allclose(nearest(input_ids=ids).logits, want, atol=1e-5)  # GPTQ's base is another base
+
+    for model, ask, message in ((tiny_llama(), QuantSpec("fp4", True), "holds a nf4 base with double quantization"),
+                                (tiny_llama(), QuantSpec("nf4", False), "ask for nf4"),
+                                (tiny_bloom(), spec, "was saved from another model")):
+        with pytest.raises(LorakitError, match=message):
+            restore_quantized_base(model, path, ask)
+        assert next(quantized_layers(model), None) is None  # nothing changed
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(LorakitError, match="cannot read the saved 4-bit base"):
+        restore_quantized_base(tiny_llama(), tmp_path / "junk.safetensors", spec)
+
+
+def test_resumed_gptq_run_reuses_its_saved_base_and_equals_the_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch):
+    import json
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    import lorakit.gptq
+    import lorakit.runlog as runlog
+    from lorakit.config import run_config_from_dict
+    from lorakit.train import train
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"add {i} and {i}", "output": str(2 * i)}) + "\n" for i in range(24)))
+
+    def cfg(out):
+        return run_config_from_dict({
+            "model": {"name": str(tiny_model_dir), "quantize": "nf4", "quant_rounding": "gptq", "quant_calibration": 8},
+            "data": {"path": str(data), "max_len": 48, "val_size": 4},
+            "lora": {"r": 4, "alpha": 8},
+            "train": {"out_dir": str(out), "lr": 1e-2, "max_steps": 4, "batch_size": 2, "threads": 1, "plot": False}})
+
+    quiet = dict(show_progress=False, echo=lambda s: None)
+    train(cfg(tmp_path / "full"), **quiet)
+    original = runlog.RunLog.step
+
+    def stop_after_2(self, s, *a, **k):
+        original(self, s, *a, **k)
+        if s == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would
+    with monkeypatch.context() as m:
+        m.setattr(runlog.RunLog, "step", stop_after_2)
+        assert train(cfg(tmp_path / "cut"), **quiet).interrupted
+    assert (tmp_path / "cut" / QUANTIZED_BASE).is_file()
+
+    def no_calibration(*a, **k):
+        raise AssertionError("a resumed run must not calibrate again")
+    monkeypatch.setattr(lorakit.gptq, "calibrated_quantize", no_calibration)
+    said = []
+    resumed = cfg(tmp_path / "cut")
+    resumed.train.resume = "latest"
+    assert train(resumed, show_progress=False, echo=said.append).steps == 4
+    assert any("GPTQ-rounded base restored from" in line for line in said), said
+    full, cut = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("full", "cut"))
+    for key in full:
+        torch.testing.assert_close(cut[key], full[key], atol=1e-6, rtol=0)
+
+
 def test_gptq_rounding_settings_are_checked():
     with pytest.raises(LorakitError, match="needs model.quantize nf4 or fp4"):
         ModelConfig(quant_rounding="gptq")
@@ -119,6 +205,7 @@ def test_cli_train_with_gptq_rounding(tiny_model_dir, tmp_path, capsys):
     import argparse
     import subprocess
 
+    from lorakit.cli import main
     from lorakit.cli_infer import _quant_kwargs
 
     cmd, run = tiny_train_cmd(tiny_model_dir, tmp_path, "--quantize", "nf4", "--quant-rounding", "gptq",
@@ -127,10 +214,21 @@ def test_cli_train_with_gptq_rounding(tiny_model_dir, tmp_path, capsys):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "GPTQ rounding: 14 layers calibrated on 8 training examples" in done.stdout
     assert "quant_rounding: gptq" in (run / "config.yaml").read_text() and (run / "adapter" / "adapter_model.safetensors").exists()
-    for adapter, quantize, warned in ((str(run / "adapter"), "nf4", True), (f"a={run / 'adapter'}", "nf4", True),
-                                      (str(run / "adapter"), "none", False)):
-        _quant_kwargs(argparse.Namespace(adapter=[adapter], quantize=quantize, double_quant=True, compute_dtype="auto"))
-        assert ("trained over a GPTQ-rounded base" in capsys.readouterr().err) is warned
+    assert "saved the GPTQ-rounded base with the run" in done.stdout and (run / QUANTIZED_BASE).is_file()
+    for adapter, quantize, used in ((str(run / "adapter"), "nf4", True), (f"a={run / 'adapter'}", "nf4", True),
+                                    (str(run / "adapter"), "none", False)):
+        kwargs = _quant_kwargs(argparse.Namespace(adapter=[adapter], quantize=quantize, double_quant=True, compute_dtype="auto"))
+        assert (kwargs.get("quantized_base") == run / QUANTIZED_BASE) is used
+        assert ("the GPTQ-rounded weights saved with the run" in capsys.readouterr().err) is used
+    assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(run / "adapter"), "--quantize", "nf4",
+                 "--prompt", "add 1 and 1", "--max-new-tokens", "2"]) == 0
+    assert f"4-bit base: the GPTQ-rounded weights saved with the run ({run / QUANTIZED_BASE})" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(run / "adapter"), "--quantize", "fp4",
+                 "--prompt", "add 1 and 1"]) == 2  # not the base the adapter was trained on: said, not guessed
+    assert "holds a nf4 base with double quantization, not the fp4" in capsys.readouterr().err
+    (run / QUANTIZED_BASE).unlink()  # a run folder from before bases were saved, or one trimmed by hand
+    kwargs = _quant_kwargs(argparse.Namespace(adapter=[str(run / "adapter")], quantize="nf4", double_quant=True, compute_dtype="auto"))
+    assert "quantized_base" not in kwargs and "that its run folder no longer holds" in capsys.readouterr().err
     bad = subprocess.run(cmd + ["--quant-rounding", "gptqq", "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "model.quant_rounding must be nearest or gptq, got 'gptqq'" in bad.stderr
     assert not (tmp_path / "x").exists()
