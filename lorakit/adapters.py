@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .atomic import atomic_file
 from .config import LoraConfig
 from .distributed import full_tensor
 from .errors import LorakitError
@@ -174,20 +174,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str, config: L
     cfg["fan_in_fan_out"] = any(getattr(m, "fan_in_fan_out", False) for _, m in adapter_modules(model)
                                 if isinstance(m, LoraLayer) and name in m.lora_A)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n"))
+    with atomic_file(folder / WEIGHTS_NAME) as tmp:
+        save_file(state, tmp, metadata={"format": "pt"})
+    with atomic_file(folder / CONFIG_NAME) as tmp:
+        tmp.write_text(json.dumps(cfg, indent=2) + "\n")
     return folder
-
-
-def _atomic_write(dest: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, Tensor]]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .atomic import shareable
 from .errors import LorakitError
 
 __all__ = ["Progress", "checkpoint_dir", "save_checkpoint", "find_checkpoint", "load_trainer_state", "rng_state",
@@ -86,6 +87,7 @@ def save_checkpoint(out_dir: Path, progress: Progress, write_adapter, trainer_st
         (tmp / "progress.json").write_text(json.dumps(progress.__dict__, indent=2))
         if final.exists():
             shutil.rmtree(final)
+        shareable(tmp)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -6,9 +6,9 @@ import argparse
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 
+from .atomic import atomic_file
 from .errors import LorakitError
 
 __all__ = ["DATA_COMMAND"]
@@ -16,17 +16,11 @@ __all__ = ["DATA_COMMAND"]
 
 def _write_jsonl_atomic(path: Path, records) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            n += 1
     return n
 
 

@@ -97,10 +97,9 @@ def _add_recommend(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_recommend(args: argparse.Namespace) -> int:
-    import os
-    import tempfile
     from pathlib import Path
 
+    from .atomic import atomic_file
     from .config import DataConfig, dump_yaml
     from .estimate import load_model_config, parse_size, shape_from_config
     from .models import load_tokenizer
@@ -117,11 +116,9 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     cfg = rec.run_config()  # the YAML must load as it is written
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write("# written by lorakit recommend; train with: lorakit train --config " + str(out) + "\n")
-        f.write(dump_yaml(cfg))
-    os.replace(tmp, out)
+    with atomic_file(out) as tmp:
+        tmp.write_text("# written by lorakit recommend; train with: lorakit train --config " + str(out) + "\n"
+                       + dump_yaml(cfg))
     print(format_recommendation(rec, profile))
     print(f"\nwrote {out}; train with: lorakit train --config {out}")
     return 0

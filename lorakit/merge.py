@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .atomic import shareable
 from .errors import LorakitError
 from .inject import ModulesToSave, _set_module, adapter_modules, lora_layers
 from .lora import LoraLayer
@@ -131,6 +132,7 @@ def save_merged(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, ma
             tokenizer.save_pretrained(tmp)
         if out.exists():
             out.rmdir()
+        shareable(tmp)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .atomic import shareable
 from .errors import LorakitError
 
 __all__ = ["EMBEDDED_MODELS", "DEFAULT_MODEL", "cache_root", "resolve_device", "resolve_dtype", "native_bf16",
@@ -183,6 +184,7 @@ def _convert_gguf(source: ModelSource) -> Path:
         if (dest / "config.json").is_file():  # another process converted it meanwhile
             shutil.rmtree(tmp, ignore_errors=True)
         else:
+            shareable(tmp)
             os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

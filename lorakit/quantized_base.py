@@ -13,12 +13,11 @@ get the base the adapter was trained on.
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from .atomic import atomic_file
 from .errors import LorakitError
 from .quant import QuantSpec, quantized_layers, replace_layer, require_bnb, take_linears
 
@@ -46,16 +45,9 @@ def save_quantized_base(model: nn.Module, path: str | os.PathLike) -> int:
                 tensors[f"{name}.{key}"] = value.detach().to("cpu").contiguous()
     if spec is None:
         raise LorakitError("the model has no 4-bit layer to save")
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata={"format": _FORMAT, "method": spec.method,
                                           "double_quant": str(spec.double_quant).lower()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return sum(1 for k in tensors if k.endswith(".weight"))
 
 

@@ -4,14 +4,14 @@ Kept outside the loop so the loop stays readable."""
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .atomic import atomic_file
 
 __all__ = ["RunLog", "peak_memory_mb", "plot_losses"]
 
@@ -131,14 +131,11 @@ def plot_losses(path: Path, train: list[tuple[int, float]], evals: list[tuple[in
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
+        with atomic_file(path, suffix=".png") as tmp:  # matplotlib reads the format from the name
+            fig.savefig(tmp)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 class NullLog:

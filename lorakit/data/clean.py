@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 import unicodedata
 from collections import Counter
@@ -34,6 +33,7 @@ from glob import glob
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from ..atomic import atomic_file
 from ..errors import LorakitError
 from .readers import Document, Skipped, document_type, read_document
 
@@ -194,49 +194,43 @@ def clean_corpus(inputs: Iterable[str], out: str | os.PathLike, min_chars: int =
     kept_hashes: dict = {}
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
     t0 = time.perf_counter()
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for docs, skipped in _documents(files, workers):
-                if skipped is not None:
-                    report.skipped_files.append((skipped.source, skipped.reason))
+    with atomic_file(out_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for docs, skipped in _documents(files, workers):
+            if skipped is not None:
+                report.skipped_files.append((skipped.source, skipped.reason))
+                continue
+            for doc in docs:
+                report.documents += 1
+                text = doc.text
+                if not text.strip():
+                    report.reject("empty", doc.type, doc.source)
                     continue
-                for doc in docs:
-                    report.documents += 1
-                    text = doc.text
-                    if not text.strip():
-                        report.reject("empty", doc.type, doc.source)
+                if len(text) < min_chars:
+                    report.reject("too_short", doc.type, text)
+                    continue
+                why = None if doc.type.startswith("code") else garbled_reason(text)
+                if why:
+                    report.reject("garbled", doc.type, f"[{why}] {text}")
+                    continue
+                if dedup != "none":
+                    key = hashlib.sha1(_fold(text).encode("utf-8")).hexdigest()
+                    if key in seen:
+                        report.reject("duplicate", doc.type, text)
                         continue
-                    if len(text) < min_chars:
-                        report.reject("too_short", doc.type, text)
-                        continue
-                    why = None if doc.type.startswith("code") else garbled_reason(text)
-                    if why:
-                        report.reject("garbled", doc.type, f"[{why}] {text}")
-                        continue
-                    if dedup != "none":
-                        key = hashlib.sha1(_fold(text).encode("utf-8")).hexdigest()
-                        if key in seen:
-                            report.reject("duplicate", doc.type, text)
+                    seen.add(key)
+                    if lsh is not None:
+                        mh = _minhash(text)
+                        # LSH proposes candidates; the MinHash estimate confirms (fewer false positives).
+                        if any(mh.jaccard(kept_hashes[c]) >= NEAR_DUP_THRESHOLD for c in lsh.query(mh)):
+                            report.reject("near_duplicate", doc.type, text)
                             continue
-                        seen.add(key)
-                        if lsh is not None:
-                            mh = _minhash(text)
-                            # LSH proposes candidates; the MinHash estimate confirms (fewer false positives).
-                            if any(mh.jaccard(kept_hashes[c]) >= NEAR_DUP_THRESHOLD for c in lsh.query(mh)):
-                                report.reject("near_duplicate", doc.type, text)
-                                continue
-                            lsh.insert(key, mh)
-                            kept_hashes[key] = mh
-                    f.write(json.dumps({"text": text, "source": doc.source, "type": doc.type, "chars": len(text)},
-                                       ensure_ascii=False) + "\n")
-                    report.kept += 1
-                    report.chars_kept += len(text)
-                    report.kept_by_type[doc.type] += 1
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+                        lsh.insert(key, mh)
+                        kept_hashes[key] = mh
+                f.write(json.dumps({"text": text, "source": doc.source, "type": doc.type, "chars": len(text)},
+                                   ensure_ascii=False) + "\n")
+                report.kept += 1
+                report.chars_kept += len(text)
+                report.kept_by_type[doc.type] += 1
     report.seconds = time.perf_counter() - t0
     return report

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -15,6 +13,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_file
 from ..config import DataConfig
 from ..errors import LorakitError
 from . import demo
@@ -117,14 +116,8 @@ def _save_cache(path: Path, prepared: Prepared) -> None:
         tensors[f"{split}_ids"] = torch.tensor([t for e in exs for t in e.input_ids], dtype=torch.int64)
         tensors[f"{split}_labels"] = torch.tensor([t for e in exs for t in e.labels], dtype=torch.int64)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata={"meta": json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _load_cache(path: Path) -> tuple[dict[str, list[Encoded]], dict] | None:
