@@ -14,6 +14,7 @@ rows, rounds each layer with ``gptq_round``, and hands the rounded weight to bit
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Iterable
 
@@ -102,12 +103,17 @@ def collect_hessians(model: nn.Module, names: list[str], batches: Iterable) -> t
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     device = next(model.parameters()).device
+    # Only the hooked inputs matter: where the model can, skip the output head on all but one token.
+    out_head = getattr(model, "get_output_embeddings", lambda: None)()
+    skip = "logits_to_keep" in inspect.signature(model.forward).parameters and all(
+        model.get_submodule(n) is not out_head for n in names)
+    head = {"logits_to_keep": 1} if skip else {}
     try:
         with use_packed_attention(model):
             for batch in batches:
                 batch = batch.to(device)
                 with packed_positions(batch.position_ids):
-                    model(input_ids=batch.input_ids, position_ids=batch.position_ids)
+                    model(input_ids=batch.input_ids, position_ids=batch.position_ids, **head)
                 tokens += batch.n_tokens
     finally:
         last[:] = [None, None]
