@@ -78,7 +78,8 @@ def restore_quantized_base(model: nn.Module, path: str | os.PathLike, spec: Quan
         dq = lambda s: "with" if s.double_quant else "without"  # noqa: E731
         raise LorakitError(f"{path} holds a {saved.method} base {dq(saved)} double quantization, not the "
                            f"{spec.method} {dq(spec)} double quantization asked for; ask for {saved.method}"
-                           + ("" if saved.double_quant else " with --no-double-quant"))
+                           + (" with double quantization (the default: leave out --no-double-quant)"
+                              if saved.double_quant else " with --no-double-quant"))
     tensors = load_file(str(path))
     targets = take_linears(model)
     stored = {k.rsplit(".weight", 1)[0] for k in tensors if k.endswith(".weight")}

@@ -47,7 +47,8 @@ def _percentile(values: list[int], q: float) -> int:
 def profile_data(data: DataConfig, tokenizer: Any, sample: int = 20_000, seed: int = 0) -> DataProfile:
     """Measure ``data``: every example is counted and its turns read; the token lengths come from
     every example up to ``sample`` of them, else from a seeded random sample of ``sample``
-    (percentiles of 20k examples are within a token or two of the full set's; 0 = tokenize all)."""
+    (a sample that size puts the percentiles within a few percent of the full set's; 0 = tokenize
+    all). Examples outside the sample are not encoded, so a malformed one there is left to train."""
     import random
 
     from .data.formats import data_files, load_examples

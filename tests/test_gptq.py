@@ -129,7 +129,7 @@ def test_saved_base_comes_back_bit_for_bit_and_refuses_another_model(tmp_path):
         assert not torch.allclose(nearest(input_ids=ids).logits, want, atol=1e-5)  # GPTQ's base is another base
 
     for model, ask, message in ((tiny_llama(), QuantSpec("fp4", True), "holds a nf4 base with double quantization"),
-                                (tiny_llama(), QuantSpec("nf4", False), "ask for nf4"),
+                                (tiny_llama(), QuantSpec("nf4", False), "ask for nf4 with double quantization .the default: leave out --no-double-quant."),
                                 (tiny_bloom(), spec, "was saved from another model")):
         with pytest.raises(LorakitError, match=message):
             restore_quantized_base(model, path, ask)
