@@ -199,14 +199,19 @@ def test_gptq_rounding_settings_are_checked():
 
 
 def test_cli_train_with_gptq_rounding(tiny_model_dir, tmp_path, capsys):
-    """`lorakit train --quantize nf4 --quant-rounding gptq` calibrates on the run's rows, says so, and
-    records the setting; inference with --quantize over a plainly rounded base warns; a typo in the
-    value stops before the run folder is written."""
+    """`lorakit train --quantize nf4 --quant-rounding gptq` calibrates on the run's rows, says so, records
+    the setting and saves its 4-bit base; generate/merge with --quantize nf4 use that base (the merge
+    equals the adapter over it, not over nearest rounding), fp4 is refused, and without the file the
+    fallback warns; a typo in the value stops before the run folder is written."""
     import argparse
     import subprocess
 
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import LoraModel
     from lorakit.cli import main
     from lorakit.cli_infer import _quant_kwargs
+    from lorakit.models import load_model
 
     cmd, run = tiny_train_cmd(tiny_model_dir, tmp_path, "--quantize", "nf4", "--quant-rounding", "gptq",
                               "--model.quant_calibration", "8", "--train.max_steps", "2")
@@ -226,6 +231,19 @@ def test_cli_train_with_gptq_rounding(tiny_model_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(run / "adapter"), "--quantize", "fp4",
                  "--prompt", "add 1 and 1"]) == 2  # not the base the adapter was trained on: said, not guessed
     assert "holds a nf4 base with double quantization, not the fp4" in capsys.readouterr().err
+    # merge --quantize nf4: the adapter folded into the dequantized GPTQ base, as trained
+    assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(run / "adapter"), "--quantize", "nf4",
+                 "--out", str(tmp_path / "merged")]) == 0
+    base, _ = load_model(str(tiny_model_dir), "cpu", quantize="nf4", quantized_base=run / QUANTIZED_BASE)
+    trained = LoraModel.from_pretrained(base, run / "adapter").eval()
+    plain, _ = load_model(str(tiny_model_dir), "cpu", quantize="nf4")
+    nearest = LoraModel.from_pretrained(plain, run / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = trained(input_ids=ids).logits
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
+        assert (nearest(input_ids=ids).logits - want).abs().max() > 1e-3  # the other base really is another
     (run / QUANTIZED_BASE).unlink()  # a run folder from before bases were saved, or one trimmed by hand
     kwargs = _quant_kwargs(argparse.Namespace(adapter=[str(run / "adapter")], quantize="nf4", double_quant=True, compute_dtype="auto"))
     assert "quantized_base" not in kwargs and "that its run folder no longer holds" in capsys.readouterr().err
