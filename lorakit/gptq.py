@@ -79,29 +79,42 @@ def gptq_round(weight: Tensor, hessian: Tensor, code: Tensor, damp: float = 0.01
     return Q.to(weight.dtype)
 
 
-@torch.no_grad()
+class _HessianHooks:
+    """Forward pre-hooks summing XᵀX of the inputs of the named linear layers, while they are on.
+    Layers fed the same tensor (q/k/v, gate/up) share one matrix."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.names, self.sums, self.alias = names, {}, {}
+        self.last: list = [None, None]  # the previous hooked input (held: its memory is not reused) and its layer
+        self.handles = [model.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str):
+        def pre(_module, args):
+            x = args[0]
+            if x is self.last[0]:  # siblings are called one after another on the same tensor
+                self.alias[name] = self.alias.get(self.last[1], self.last[1])
+                return
+            self.last[:] = [x, name]
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            self.sums[name] = self.sums[name].addmm_(flat.T, flat) if name in self.sums else flat.T @ flat
+        return pre
+
+    def close(self, tokens: int) -> dict[str, Tensor]:
+        """Remove the hooks; XᵀX / tokens for each named layer the inputs reached."""
+        self.last[:] = [None, None]
+        for h in self.handles:
+            h.remove()
+        means = {n: s.div_(max(tokens, 1)) for n, s in self.sums.items()}
+        return {n: means[self.alias.get(n, n)] for n in self.names if self.alias.get(n, n) in means}
+
+
 def collect_hessians(model: nn.Module, names: list[str], batches: Iterable) -> tuple[dict[str, Tensor], int]:
     """XᵀX / n of the inputs each named linear layer sees while ``model`` runs ``batches`` (packed
     rows with position_ids). Layers fed the same tensor (q/k/v, gate/up) share one matrix."""
     from .attention import packed_positions, use_packed_attention
 
-    sums: dict[str, Tensor] = {}
-    alias: dict[str, str] = {}
-    last: list = [None, None]  # the previous hooked layer's input tensor (held: its memory is not reused) and name
     tokens = 0
-
-    def hook(name):
-        def pre(_module, args):
-            x = args[0]
-            if x is last[0]:  # q/k/v, gate/up: siblings are called one after another on the same tensor
-                alias[name] = alias.get(last[1], last[1])
-                return
-            last[:] = [x, name]
-            flat = x.detach().reshape(-1, x.shape[-1]).float()
-            sums[name] = sums[name].addmm_(flat.T, flat) if name in sums else flat.T @ flat
-        return pre
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    hooks = _HessianHooks(model, names)
     device = next(model.parameters()).device
     # Only the hooked inputs matter: where the model can, skip the output head on all but one token.
     out_head = getattr(model, "get_output_embeddings", lambda: None)()
@@ -109,34 +122,131 @@ def collect_hessians(model: nn.Module, names: list[str], batches: Iterable) -> t
         model.get_submodule(n) is not out_head for n in names)
     head = {"logits_to_keep": 1} if skip else {}
     try:
-        with use_packed_attention(model):
+        with use_packed_attention(model), torch.no_grad():
             for batch in batches:
                 batch = batch.to(device)
                 with packed_positions(batch.position_ids):
                     model(input_ids=batch.input_ids, position_ids=batch.position_ids, **head)
                 tokens += batch.n_tokens
     finally:
-        last[:] = [None, None]
-        for h in handles:
-            h.remove()
-    means = {n: s.div_(max(tokens, 1)) for n, s in sums.items()}
-    return {n: means[alias.get(n, n)] for n in names if alias.get(n, n) in means}, tokens
+        hessians = hooks.close(tokens)
+    return hessians, tokens
 
 
-def calibrated_quantize(model: nn.Module, spec, batches: list, device=None,
-                        budget_bytes: int = 1 << 30) -> dict[str, float]:
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The model's stack of decoder blocks: the ModuleList holding the most linear layers."""
+    best = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1:
+            count = sum(1 for m in module.modules() if type(m) is nn.Linear)
+            if count and (best is None or count > best[2]):
+                best = (name, module, count)
+    return (best[0], best[1]) if best else None
+
+
+class _Caught(Exception):
+    """Stops the model's forward at the first decoder block, once its inputs are taken."""
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
+    return ((hidden, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": hidden})
+
+
+def _block_by_block(model: nn.Module, spec, batches: list, device, code: Tensor) -> tuple[int, int]:
+    """GPTQ one decoder block at a time: the first block's inputs are taken from the embeddings;
+    each block is moved to ``device`` and run once on its inputs, which gives both its layers'
+    input statistics and the next block's inputs; then its layers are rounded and quantized
+    there. Every layer is calibrated on the float model's activations (the same base as one pass
+    of the whole model). Propagating the quantized blocks' outputs instead, as the GPTQ paper
+    does, measured worse on the demo task (untrained NF4 base eval loss 1.539 against 1.492,
+    after training 0.0148 against 0.0129). Only one float block is ever on ``device``; layers
+    outside the blocks get plain rounding. Returns (layers quantized, calibration tokens)."""
+    from .attention import packed_positions, use_packed_attention
+    from .quant import quantize_linear, replace_layer, take_linears
+
+    prefix, blocks = decoder_blocks(model)
+    targets = take_linears(model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    for name, module in model.named_modules():  # everything but the blocks goes to the device now
+        if name != prefix and not name.startswith(prefix + "."):
+            for key, p in module._parameters.items():
+                if p is not None:
+                    p.data = p.data.to(device)
+            for key, b in module._buffers.items():
+                if b is not None:
+                    module._buffers[key] = b.to(device)
+
+    inputs: list = []  # (args, kwargs, position_ids) of the first block, per row
+
+    def catch(_module, args, kwargs):
+        inputs.append((args, kwargs))
+        raise _Caught
+
+    tokens = 0
+    with use_packed_attention(model), torch.no_grad():
+        handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            for batch in batches:
+                batch = batch.to(device)
+                with packed_positions(batch.position_ids):
+                    try:
+                        model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+                    except _Caught:
+                        pass
+                inputs[-1] = (*inputs[-1], batch.position_ids)
+                tokens += batch.n_tokens
+        finally:
+            handle.remove()
+        for i, block in enumerate(blocks):
+            block.to(device)
+            names = [t for t in targets if t.startswith(f"{prefix}.{i}.")]
+            hooks = _HessianHooks(model, names)
+            try:  # one pass: the block's input statistics, and its float outputs for the next block
+                for j, (args, kwargs, positions) in enumerate(inputs):
+                    with packed_positions(positions):
+                        out = block(*args, **kwargs)
+                    inputs[j] = (*_with_hidden(args, kwargs, out[0] if isinstance(out, tuple) else out), positions)
+            finally:
+                hessians = hooks.close(tokens)
+            for name in names:
+                layer = model.get_submodule(name)
+                if name in hessians:
+                    layer.weight.data = gptq_round(layer.weight.data, hessians.pop(name), code)
+                replace_layer(model, name, quantize_linear(layer, spec, device))
+    for name in targets:  # outside the blocks (rare): plain rounding
+        if type(model.get_submodule(name)) is nn.Linear:
+            replace_layer(model, name, quantize_linear(model.get_submodule(name), spec, device))
+    return len(targets), tokens
+
+
+def calibrated_quantize(model: nn.Module, spec, batches: list, device=None, budget_bytes: int = 1 << 30,
+                        by_block: bool = True) -> dict[str, float]:
     """Quantize ``model`` like ``quant.quantize_model``, rounding each 4-bit layer with GPTQ on
-    inputs from ``batches``. Layers are taken in groups whose input matrices fit ``budget_bytes``;
-    a group is calibrated on the model as it is by then (earlier groups already quantized, as in
-    GPTQ's layer-by-layer order). Returns {layers, tokens, seconds}."""
-    from .quant import quantize_model
+    inputs from ``batches``, onto ``device``. Models with a stack of decoder blocks go one block
+    at a time (the float model may stay on the CPU: only one float block is on ``device`` at a
+    time, and the calibration rows run through the model once). Otherwise, or with
+    ``by_block=False``, layers are taken in groups whose input matrices fit ``budget_bytes``, each
+    calibrated by running the whole model as it is by then (earlier groups quantized). Returns
+    {layers, tokens, seconds}."""
+    from .quant import _release_freed_memory, quantize_model, require_bnb
 
     if spec.method not in ("nf4", "fp4"):
         raise LorakitError(f"model.quant_rounding gptq works with nf4 or fp4, not {spec.method!r}")
     if not batches:
         raise LorakitError("model.quant_rounding gptq needs calibration rows, and the training data has none")
+    require_bnb()
     t0 = time.perf_counter()
     code = four_bit_code(spec.method)
+    if by_block and decoder_blocks(model) is not None:
+        layers, tokens = _block_by_block(model, spec, batches, device, code)
+        _release_freed_memory()
+        return {"layers": layers, "tokens": tokens, "seconds": time.perf_counter() - t0}
+    if device is not None:
+        model.to(device)  # the whole model runs for each group
     tokens = 0
 
     def round_group(names: list[str]) -> None:

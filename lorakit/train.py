@@ -29,7 +29,8 @@ from .evaluate import eval_loss, exact_match, generate_answers, perplexity
 from .loss import causal_lm_loss_sum
 from .model import LoraModel, get_lora_model
 from .distributed import DistContext, full_tensor, init_distributed
-from .models import cache_root, load_model, physical_cores, quant_spec, resolve_device, resolve_precision
+from .models import (DTYPES, cache_root, load_model, physical_cores, quant_spec, resolve_device, resolve_dtype,
+                     resolve_precision)
 from .quant import prepare_for_kbit_training, quant_summary
 from .quantized_base import QUANTIZED_BASE, save_quantized_base
 from .rank_schedule import PlateauTracker, grow_adapter_rank, parse_rank_schedule, stage_alpha
@@ -200,10 +201,13 @@ def _train(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
     saved_base = saved_base if saved_base is not None and saved_base.is_file() else None
     calibrate = m_cfg.quant_rounding == "gptq" and saved_base is None
     spec = quant_spec(m_cfg.quantize, m_cfg.double_quant, m_cfg.compute_dtype, target) if calibrate else None
-    model, tok = load_model(m_cfg.name, m_cfg.device, dtype, m_cfg.trust_remote_code,
+    # GPTQ takes the float model to the device one decoder block at a time: it is loaded on the CPU,
+    # in the dtype it would have had on the device.
+    load_dtype = {v: k for k, v in DTYPES.items()}[resolve_dtype(dtype, target)] if calibrate else dtype
+    model, tok = load_model(m_cfg.name, "cpu" if calibrate else m_cfg.device, load_dtype, m_cfg.trust_remote_code,
                             quantize="none" if calibrate else m_cfg.quantize,
                             double_quant=m_cfg.double_quant, compute_dtype=m_cfg.compute_dtype, quantized_base=saved_base)
-    device = next(model.parameters()).device
+    device = target if calibrate else next(model.parameters()).device
     echo(f"precision: {precision}" + (f", base weights {dtype}" if dtype != "auto" else "")
          + (" (auto: this CPU has native bf16 matmuls; --train.precision fp32 for full fp32)"
             if t_cfg.precision == "auto" and precision == "bf16" and device.type == "cpu" else ""))

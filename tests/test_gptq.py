@@ -91,7 +91,7 @@ def test_calibrated_model_is_closer_to_the_float_model_than_nearest_rounding():
     float_model = tiny_llama()
     nearest, gptq = tiny_llama(), tiny_llama()
     quantize_model(nearest, PLAIN_NF4)
-    done = calibrated_quantize(gptq, PLAIN_NF4, _rows(16, 32, seed=0), budget_bytes=3 * 4 * 128 ** 2)
+    done = calibrated_quantize(gptq, PLAIN_NF4, _rows(16, 32, seed=0), budget_bytes=3 * 4 * 128 ** 2, by_block=False)
     assert done["layers"] == 14 and done["tokens"] == 16 * 32
     assert len(list(quantized_layers(gptq))) == 14 and type(gptq.lm_head) is nn.Linear
     held_out = torch.randint(3, 90, (4, 32), generator=torch.Generator().manual_seed(9))
@@ -100,6 +100,22 @@ def test_calibrated_model_is_closer_to_the_float_model_than_nearest_rounding():
         err = {name: (m(input_ids=held_out).logits - ref).pow(2).mean().item()
                for name, m in (("nearest", nearest), ("gptq", gptq))}
     assert err["gptq"] < 0.8 * err["nearest"], err
+
+
+def test_block_by_block_equals_one_pass_of_the_whole_float_model():
+    """One decoder block at a time (float blocks moved as they come, the rows run through each once)
+    gives the same base as calibrating every layer in one pass of the whole float model, and not
+    the base of the sequential variant (each group calibrated after the earlier ones are quantized)."""
+    rows = _rows(8, 32, seed=0)
+    by_block, one_pass, sequential = tiny_llama(), tiny_llama(), tiny_llama()
+    assert calibrated_quantize(by_block, PLAIN_NF4, rows)["tokens"] == 8 * 32
+    calibrated_quantize(one_pass, PLAIN_NF4, rows, by_block=False)  # every input matrix fits the budget: one group
+    calibrated_quantize(sequential, PLAIN_NF4, rows, budget_bytes=4 * (6 * 64 ** 2 + 128 ** 2), by_block=False)
+    ours = list(quantized_layers(by_block))
+    assert len(ours) == 14 and type(by_block.lm_head) is nn.Linear
+    for (name, layer), (_, theirs) in zip(ours, quantized_layers(one_pass)):
+        assert torch.equal(layer.weight.data, theirs.weight.data), name
+    assert not all(torch.equal(a.weight.data, b.weight.data) for (_, a), (_, b) in zip(ours, quantized_layers(sequential)))
 
 
 def test_saved_base_comes_back_bit_for_bit_and_refuses_another_model(tmp_path):
