@@ -148,15 +148,12 @@ class _Caught(Exception):
     """Stops the model's forward at the first decoder block, once its inputs are taken."""
 
 
-def _hidden_of(args: tuple, kwargs: dict) -> Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
 def _with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
     return ((hidden, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": hidden})
 
 
-def _block_by_block(model: nn.Module, spec, batches: list, device, code: Tensor) -> tuple[int, int]:
+def _block_by_block(model: nn.Module, stack: tuple[str, nn.ModuleList], spec, batches: list, device,
+                    code: Tensor) -> tuple[int, int]:
     """GPTQ one decoder block at a time: the first block's inputs are taken from the embeddings;
     each block is moved to ``device`` and run once on its inputs, which gives both its layers'
     input statistics and the next block's inputs; then its layers are rounded and quantized
@@ -168,7 +165,7 @@ def _block_by_block(model: nn.Module, spec, batches: list, device, code: Tensor)
     from .attention import packed_positions, use_packed_attention
     from .quant import quantize_linear, replace_layer, take_linears
 
-    prefix, blocks = decoder_blocks(model)
+    prefix, blocks = stack
     targets = take_linears(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     for name, module in model.named_modules():  # everything but the blocks goes to the device now
@@ -241,8 +238,9 @@ def calibrated_quantize(model: nn.Module, spec, batches: list, device=None, budg
     require_bnb()
     t0 = time.perf_counter()
     code = four_bit_code(spec.method)
-    if by_block and decoder_blocks(model) is not None:
-        layers, tokens = _block_by_block(model, spec, batches, device, code)
+    stack = decoder_blocks(model) if by_block else None
+    if stack is not None:
+        layers, tokens = _block_by_block(model, stack, spec, batches, device, code)
         _release_freed_memory()
         return {"layers": layers, "tokens": tokens, "seconds": time.perf_counter() - t0}
     if device is not None:

@@ -100,8 +100,11 @@ def resolve_precision(precision: str, device: torch.device, quantize: str = "non
     return "bf16" if native_bf16(device) else "fp32"
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on a CUDA GPU that supports it, fp32 elsewhere (CPU bf16 matmuls are slow on most CPUs)."""
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """auto: bf16 on a CUDA GPU that supports it, fp32 elsewhere (CPU bf16 matmuls are slow on most CPUs).
+    A torch dtype is taken as it is."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
     if dtype == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -269,7 +272,7 @@ def quant_spec(quantize: str = "none", double_quant: bool = True, compute_dtype:
     return QuantSpec(quantize, double_quant, resolve_dtype(compute_dtype, device or torch.device("cpu")))
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | torch.dtype = "auto", trust_remote_code: bool = False,
                attn_implementation: str | None = "sdpa", quantize: str = "none", double_quant: bool = True,
                compute_dtype: str = "auto", quantized_base: str | os.PathLike | None = None):
     """(model, tokenizer) for ``name``: a folder, a .gguf file, a hub id, or an embedded name.

@@ -87,16 +87,21 @@ def restore_quantized_base(model: nn.Module, path: str | os.PathLike, spec: Quan
         odd = sorted(stored ^ set(targets))
         raise LorakitError(f"{path} was saved from another model: its layers and this model's differ "
                            f"({len(odd)} names, e.g. {odd[0]}); load it over the base the run used")
+    stats: dict[str, dict[str, torch.Tensor]] = {name: {} for name in targets}  # layer -> its weight.* statistics
+    for key, value in tensors.items():
+        layer, sep, rest = key.partition(".weight.")
+        if sep:
+            stats[layer][f"weight.{rest}"] = value
     device = torch.device(device) if device is not None else None
     built = []  # every layer is built and checked before the model changes
     for name in targets:
         linear = model.get_submodule(name)
-        stats = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}.weight.")}
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                   compute_dtype=spec.compute_dtype, compress_statistics=spec.double_quant,
                                   quant_type=spec.method, device="meta")
         where = device or linear.weight.device
-        layer.weight = bnb.nn.Params4bit.from_prequantized(tensors.pop(f"{name}.weight"), stats, device=where, module=layer)
+        layer.weight = bnb.nn.Params4bit.from_prequantized(tensors[f"{name}.weight"], stats[name], device=where,
+                                                           module=layer)
         if tuple(layer.weight.quant_state.shape) != tuple(linear.weight.shape):
             raise LorakitError(f"{path}: layer {name} was saved with shape {tuple(layer.weight.quant_state.shape)}, "
                                f"the model's is {tuple(linear.weight.shape)}; load it over the base the run used")

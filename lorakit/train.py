@@ -2,7 +2,8 @@
 
 Setup (model, data, adapter, optimizer, schedule, resume) happens first and validates
 everything before the run folder is touched; then the loop; then the final adapter, the
-before/after evaluation and the summary. Logging and plotting live in ``lorakit.runlog``.
+before/after evaluation and the summary. Logging and plotting live in ``lorakit.runlog``, the
+optimizer and the learning-rate schedule in ``lorakit.optim``.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from .errors import LorakitError
 from .evaluate import eval_loss, exact_match, generate_answers, perplexity
 from .loss import causal_lm_loss_sum
 from .model import LoraModel, get_lora_model
+from .optim import build_optimizer, lr_lambda
 from .distributed import DistContext, full_tensor, init_distributed
-from .models import (DTYPES, cache_root, load_model, physical_cores, quant_spec, resolve_device, resolve_dtype,
+from .models import (cache_root, load_model, physical_cores, quant_spec, resolve_device, resolve_dtype,
                      resolve_precision)
 from .quant import prepare_for_kbit_training, quant_summary
 from .quantized_base import QUANTIZED_BASE, save_quantized_base
@@ -54,43 +56,6 @@ class TrainResult:
     after: dict[str, float] = field(default_factory=dict)
     interrupted: bool = False
     samples: list[tuple[str, str, str]] = field(default_factory=list)  # (question, base answer, adapter answer)
-
-
-def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Multiplier of the peak lr at optimizer step s: linear warm-up, then constant/linear/cosine to 0."""
-    def f(s: int) -> float:
-        if s < warmup_steps:
-            return (s + 1) / (warmup_steps + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = (s - warmup_steps) / max(1, total_steps - warmup_steps)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return f
-
-
-def build_optimizer(lm: LoraModel, lr: float, weight_decay: float, lora_plus_ratio: float,
-                    kind: str = "adamw") -> torch.optim.Optimizer:
-    """AdamW (or bitsandbytes' 8-bit AdamW) over the trainable parameters; with LoRA+ the B
-    matrices get ratio × lr."""
-    a_params, b_params, other = [], [], []
-    for name, p in lm.named_parameters():
-        if not p.requires_grad:
-            continue
-        (b_params if ".lora_B." in name else a_params if ".lora_A." in name else other).append(p)
-    ratio = lora_plus_ratio or 1.0
-    groups = [{"params": a_params, "lr": lr}, {"params": b_params, "lr": lr * ratio}, {"params": other, "lr": lr}]
-    groups = [g for g in groups if g["params"]]
-    if kind == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    from .quant import require_bnb
-
-    bnb = require_bnb()
-    on_cuda = any(p.is_cuda for g in groups for p in g["params"])
-    # Paging moves optimizer state to host memory under GPU memory pressure; on CPU there is nothing to page.
-    cls = bnb.optim.PagedAdamW8bit if kind == "paged_adamw8bit" and on_cuda else bnb.optim.AdamW8bit
-    return cls(groups, lr=lr, weight_decay=weight_decay)
 
 
 def _rank_schedule(cfg: RunConfig):
@@ -203,7 +168,7 @@ def _train(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
     spec = quant_spec(m_cfg.quantize, m_cfg.double_quant, m_cfg.compute_dtype, target) if calibrate else None
     # GPTQ takes the float model to the device one decoder block at a time: it is loaded on the CPU,
     # in the dtype it would have had on the device.
-    load_dtype = {v: k for k, v in DTYPES.items()}[resolve_dtype(dtype, target)] if calibrate else dtype
+    load_dtype = resolve_dtype(dtype, target) if calibrate else dtype
     model, tok = load_model(m_cfg.name, "cpu" if calibrate else m_cfg.device, load_dtype, m_cfg.trust_remote_code,
                             quantize="none" if calibrate else m_cfg.quantize,
                             double_quant=m_cfg.double_quant, compute_dtype=m_cfg.compute_dtype, quantized_base=saved_base)
