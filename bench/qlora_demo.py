@@ -1,12 +1,12 @@
 """QLoRA against fp32 LoRA on the built-in demo task, and what merging a QLoRA adapter costs.
 
     .venv/bin/python bench/qlora_demo.py [--out /tmp/qlora-bench] [--model smollm2-135m] [--seeds 42 1]
-                                         [--variants lora nearest gptq]
+                                         [--variants nearest gptq eora gptq-eora]
 
-1. Trains the demo three ways with the same settings — `lorakit train` (fp32 base, fp32 compute),
-   `lorakit train --quantize nf4` and `lorakit train --quantize nf4 --quant-rounding gptq` — each in
-   its own process, once per seed, and reports held-out exact match and eval loss before/after,
-   tokens/s, and the process's peak RSS (from wait4, the whole process).
+1. Trains the demo with the same settings as `lorakit train` (fp32 base, fp32 compute) and as the
+   chosen QLoRA variants — `--quantize nf4`, with `--quant-rounding gptq`, with `--lora.init eora`,
+   with both — each in its own process, once per seed, and reports held-out exact match and eval
+   loss before/after, tokens/s, and the process's peak RSS (from wait4, the whole process).
 2. Measures the quantized linear weights on the model's own tensors against their fp32 size.
 3. Evaluates the GPTQ run's adapter over the float base, a nearest-rounded base and the 4-bit
    base the run saved (what `--quantize nf4` loads for it), and the QLoRA adapter four ways: unmerged over the 4-bit base (what training saw), merged
@@ -28,10 +28,13 @@ from pathlib import Path
 import torch
 
 
-RUNS = {  # label -> extra flags
-    "LoRA, fp32 base": ["--train.precision", "fp32", "--model.dtype", "float32"],
-    "QLoRA, NF4 + double quant": ["--quantize", "nf4"],
-    "QLoRA, NF4 + double quant, GPTQ rounding": ["--quantize", "nf4", "--quant-rounding", "gptq"],
+RUNS = {  # variant -> (label, extra flags)
+    "lora": ("LoRA, fp32 base", ["--train.precision", "fp32", "--model.dtype", "float32"]),
+    "nearest": ("QLoRA, NF4 + double quant", ["--quantize", "nf4"]),
+    "gptq": ("QLoRA, NF4 + double quant, GPTQ rounding", ["--quantize", "nf4", "--quant-rounding", "gptq"]),
+    "eora": ("QLoRA, NF4 + double quant, EoRA init", ["--quantize", "nf4", "--lora.init", "eora"]),
+    "gptq-eora": ("QLoRA, NF4 + double quant, GPTQ rounding + EoRA init",
+                  ["--quantize", "nf4", "--quant-rounding", "gptq", "--lora.init", "eora"]),
 }
 
 
@@ -120,21 +123,19 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/qlora-bench")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 1], help="train.seed of each run (the demo's default is 42)")
-    ap.add_argument("--variants", nargs="+", choices=["lora", "nearest", "gptq"], default=["lora", "nearest", "gptq"],
-                    help="which runs to train (LoRA is the reference and always runs); merging needs nearest")
+    ap.add_argument("--variants", nargs="+", choices=list(RUNS)[1:], default=["nearest", "gptq", "eora", "gptq-eora"],
+                    help="which QLoRA runs to train (LoRA is the reference and always runs); merging needs nearest")
     args = ap.parse_args()
     out = Path(args.out)
     model_flag = ["--model", args.model]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}", flush=True)
 
-    chosen = {label: extra for label, extra in RUNS.items()
-              if label.startswith("LoRA") or ("gptq" if "GPTQ" in label else "nearest") in args.variants}
+    chosen = {RUNS[v][0]: (v, RUNS[v][1]) for v in ["lora", *args.variants]}
     runs: dict[str, list[dict]] = {label: [] for label in chosen}
     for seed in args.seeds:
-        for label, extra in chosen.items():
+        for label, (variant, extra) in chosen.items():
             print(f"training: {label}, seed {seed} ...", flush=True)
-            folder = out / f"{label.split(',')[0].lower()}{'-gptq' if 'GPTQ' in label else ''}-seed{seed}"
-            runs[label].append(run_train(folder, model_flag + extra + ["--train.seed", str(seed)]))
+            runs[label].append(run_train(out / f"{variant}-seed{seed}", model_flag + extra + ["--train.seed", str(seed)]))
             print(f"  {runs[label][-1]}", flush=True)
 
     stored, fp32, n = weight_memory(args.model)
@@ -161,10 +162,10 @@ def main() -> None:
               f"peak RSS {mean(label, lambda r: r['peak_rss_mib']) / mean(ref, lambda r: r['peak_rss_mib']):.2f}×")
 
     if "gptq" in args.variants:
-        gptq_adapter_elsewhere(out / f"qlora-gptq-seed{args.seeds[0]}")
+        gptq_adapter_elsewhere(out / f"gptq-seed{args.seeds[0]}")
     if "nearest" in args.variants:
         print("\nmerging the QLoRA adapter:", flush=True)
-        results, err = merge_variants(out / f"qlora-seed{args.seeds[0]}")
+        results, err = merge_variants(out / f"nearest-seed{args.seeds[0]}")
         print("\n| QLoRA adapter evaluated | eval loss | exact match |")
         print("|---|---|---|")
         for label, s in results:

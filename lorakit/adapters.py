@@ -60,7 +60,8 @@ def config_to_peft(config: LoraConfig, targets: list[str] | str) -> dict[str, An
     for f in fields(LoraConfig):
         out[_TO_PEFT.get(f.name, f.name)] = getattr(config, f.name)
     init = config.init
-    out["init_lora_weights"] = True if init == "default" else init
+    # An EoRA init is plain LoRA weights once trained (PEFT has no such init to run at load time).
+    out["init_lora_weights"] = True if init in ("default", "eora") else init
     out["target_modules"] = targets
     out.update(peft_type="LORA", inference_mode=True, use_dora=False, lora_bias=False, revision=None)
     return dict(sorted(out.items()))

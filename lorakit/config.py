@@ -60,7 +60,7 @@ class LoraConfig:
     use_rslora: bool = False
     """rsLoRA scaling alpha/sqrt(r): keeps updates stable at large ranks."""
     init: str = "default"
-    """A/B init: default (kaiming A, zero B: no-op at start) | gaussian | pissa | pissa_niter_<N>."""
+    """A/B init: default (kaiming A, zero B: no-op at start) | gaussian | pissa | pissa_niter_<N> | eora (4-bit base: start from the rank-r correction of its rounding error on calibration rows)."""
     fan_in_fan_out: bool = False
     """Base weights stored (in, out), as GPT-2's Conv1D; set automatically for Conv1D."""
     task_type: Union[str, None] = None
@@ -77,9 +77,9 @@ class LoraConfig:
             raise LorakitError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
         if self.bias not in BIAS_CHOICES:
             raise LorakitError(f"lora.bias must be one of {', '.join(BIAS_CHOICES)}, got {self.bias!r}")
-        if not (self.init in ("default", "gaussian", "pissa") or re.fullmatch(r"pissa_niter_\d+", self.init)):
+        if not (self.init in ("default", "gaussian", "pissa", "eora") or re.fullmatch(r"pissa_niter_\d+", self.init)):
             raise LorakitError(
-                f"lora.init must be default, gaussian, pissa or pissa_niter_<N>, got {self.init!r}")
+                f"lora.init must be default, gaussian, pissa, pissa_niter_<N> or eora, got {self.init!r}")
         for key in ("target_modules", "exclude_modules"):
             value = getattr(self, key)
             if isinstance(value, (tuple, set)):
@@ -160,7 +160,7 @@ class ModelConfig:
     quant_rounding: str = "nearest"
     """4-bit only: nearest (each weight to its nearest level, as bitsandbytes does) | gptq (error-compensating rounding calibrated on training rows: same format, closer outputs)."""
     quant_calibration: int = 128
-    """quant_rounding gptq: how many training examples calibrate the rounding."""
+    """quant_rounding gptq or lora.init eora: how many training examples calibrate them."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -313,6 +313,11 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=16, alpha=32, target_modules="all-linear"))
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.lora.init == "eora" and self.model.quantize not in ("nf4", "fp4"):
+            raise LorakitError(f"lora.init eora corrects a 4-bit base's rounding error: it needs model.quantize nf4 or "
+                               f"fp4 (got {self.model.quantize!r})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

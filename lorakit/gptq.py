@@ -9,7 +9,9 @@ bitsandbytes stores — so the quantized layers, their kernels, sizes and saved 
 same as with plain rounding; only which levels are picked differs.
 
 ``calibrated_quantize`` collects H for the linear layers from a few of the run's own training
-rows, rounds each layer with ``gptq_round``, and hands the rounded weight to bitsandbytes.
+rows, rounds each layer with ``gptq_round`` (or to nearest), and hands the rounded weight to
+bitsandbytes; asked for a ``residual_rank``, it also keeps on each quantized layer the low-rank
+correction of its output error that an EoRA-initialised adapter starts from (``lorakit.eora``).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from torch import Tensor, nn
 
 from .errors import LorakitError
 
-__all__ = ["four_bit_code", "gptq_round", "collect_hessians", "calibrated_quantize", "BLOCK"]
+__all__ = ["four_bit_code", "damped", "gptq_round", "collect_hessians", "calibrated_quantize", "BLOCK", "ROUNDINGS"]
 
 BLOCK = 64  # bitsandbytes' 4-bit block: 64 consecutive weights of a row share one absmax scale
+ROUNDINGS = ("nearest", "gptq")
 
 
 def four_bit_code(method: str) -> Tensor:
@@ -34,6 +37,17 @@ def four_bit_code(method: str) -> Tensor:
 
     bnb = require_bnb()
     return bnb.functional.get_4bit_type(method, device="cpu").float().sort().values
+
+
+def damped(hessian: Tensor, damp: float = 0.01, dtype: torch.dtype = torch.float64) -> Tensor:
+    """A copy of ``hessian`` in ``dtype`` made positive definite: inputs never non-zero in
+    calibration get unit weight (their weights cannot matter there), and ``damp`` × the mean
+    diagonal is added to the diagonal."""
+    H = hessian.detach().to(dtype=dtype).clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    H += damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=dtype, device=H.device)
+    return H
 
 
 def _round_to_code(x: Tensor, code: Tensor, mids: Tensor) -> Tensor:
@@ -54,10 +68,7 @@ def gptq_round(weight: Tensor, hessian: Tensor, code: Tensor, damp: float = 0.01
     code = code.to(dev)
     mids = (code[1:] + code[:-1]) / 2
     W = weight.detach().float().clone()
-    H = hessian.detach().to(dev, torch.float32).clone()
-    dead = H.diagonal() == 0  # inputs never non-zero in calibration: their weights cannot matter there
-    H[dead, dead] = 1.0
-    H += damp * H.diagonal().mean() * torch.eye(in_f, device=dev)
+    H = damped(hessian.to(dev), damp, torch.float32)
     # Upper Cholesky factor of H⁻¹: row i holds how column i's error spreads onto later columns.
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     Q = torch.empty_like(W)
@@ -144,6 +155,25 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return (best[0], best[1]) if best else None
 
 
+def _quantize_layer(model: nn.Module, name: str, hessian: Tensor | None, spec, device, code: Tensor | None,
+                    residual_rank: int) -> None:
+    """Quantize layer ``name`` onto ``device``: GPTQ-rounded first when ``code`` is given (nearest
+    otherwise), and with its EoRA correction attached when ``residual_rank`` > 0. A layer the
+    calibration never reached (no ``hessian``) gets plain rounding and no correction."""
+    from .eora import attach, residual_factors
+    from .quant import dequantize_weight, quantize_linear, replace_layer
+
+    layer = model.get_submodule(name)
+    weight = layer.weight.data
+    if hessian is not None and code is not None:
+        layer.weight.data = gptq_round(weight, hessian, code)
+    quantized = quantize_linear(layer, spec, device)
+    if hessian is not None and residual_rank > 0:
+        attach(quantized, residual_factors(weight.to(quantized.weight.device), dequantize_weight(quantized), hessian,
+                                           residual_rank))
+    replace_layer(model, name, quantized)
+
+
 class _Caught(Exception):
     """Stops the model's forward at the first decoder block, once its inputs are taken."""
 
@@ -153,17 +183,17 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict
 
 
 def _block_by_block(model: nn.Module, stack: tuple[str, nn.ModuleList], spec, batches: list, device,
-                    code: Tensor) -> tuple[int, int]:
+                    code: Tensor | None, residual_rank: int) -> tuple[int, int]:
     """GPTQ one decoder block at a time: the first block's inputs are taken from the embeddings;
     each block is moved to ``device`` and run once on its inputs, which gives both its layers'
     input statistics and the next block's inputs; then its layers are rounded and quantized
-    there. Every layer is calibrated on the float model's activations (the same base as one pass
-    of the whole model). Propagating the quantized blocks' outputs instead, as the GPTQ paper
-    does, measured worse on the demo task (untrained NF4 base eval loss 1.539 against 1.492,
-    after training 0.0148 against 0.0129). Only one float block is ever on ``device``; layers
+    there (``code`` None: to nearest). Every layer is calibrated on the float model's activations
+    (the same base as one pass of the whole model). Propagating the quantized blocks' outputs
+    instead, as the GPTQ paper does, measured worse on the demo task (untrained NF4 base eval
+    loss 1.539 against 1.492, after training 0.0148 against 0.0129). Only one float block is ever on ``device``; layers
     outside the blocks get plain rounding. Returns (layers quantized, calibration tokens)."""
     from .attention import packed_positions, use_packed_attention
-    from .quant import quantize_linear, replace_layer, take_linears
+    from .quant import take_linears
 
     prefix, blocks = stack
     targets = take_linears(model)
@@ -210,20 +240,19 @@ def _block_by_block(model: nn.Module, stack: tuple[str, nn.ModuleList], spec, ba
             finally:
                 hessians = hooks.close(tokens)
             for name in names:
-                layer = model.get_submodule(name)
-                if name in hessians:
-                    layer.weight.data = gptq_round(layer.weight.data, hessians.pop(name), code)
-                replace_layer(model, name, quantize_linear(layer, spec, device))
-    for name in targets:  # outside the blocks (rare): plain rounding
+                _quantize_layer(model, name, hessians.pop(name, None), spec, device, code, residual_rank)
+    for name in targets:  # outside the blocks (rare): plain rounding, no correction
         if type(model.get_submodule(name)) is nn.Linear:
-            replace_layer(model, name, quantize_linear(model.get_submodule(name), spec, device))
+            _quantize_layer(model, name, None, spec, device, code, residual_rank)
     return len(targets), tokens
 
 
 def calibrated_quantize(model: nn.Module, spec, batches: list, device=None, budget_bytes: int = 1 << 30,
-                        by_block: bool = True) -> dict[str, float]:
-    """Quantize ``model`` like ``quant.quantize_model``, rounding each 4-bit layer with GPTQ on
-    inputs from ``batches``, onto ``device``. Models with a stack of decoder blocks go one block
+                        by_block: bool = True, rounding: str = "gptq", residual_rank: int = 0) -> dict[str, float]:
+    """Quantize ``model`` like ``quant.quantize_model``, rounding each 4-bit layer with GPTQ
+    (``rounding="gptq"``) or to nearest on inputs from ``batches``, onto ``device``; with
+    ``residual_rank`` r > 0, each layer keeps the rank-r EoRA correction of its output error for
+    ``LoraConfig(init="eora")`` (``lorakit.eora``). Models with a stack of decoder blocks go one block
     at a time (the float model may stay on the CPU: only one float block is on ``device`` at a
     time, and the calibration rows run through the model once). Otherwise, or with
     ``by_block=False``, layers are taken in groups whose input matrices fit ``budget_bytes``, each
@@ -232,28 +261,29 @@ def calibrated_quantize(model: nn.Module, spec, batches: list, device=None, budg
     from .quant import _release_freed_memory, quantize_model, require_bnb
 
     if spec.method not in ("nf4", "fp4"):
-        raise LorakitError(f"model.quant_rounding gptq works with nf4 or fp4, not {spec.method!r}")
+        raise LorakitError(f"calibrated quantization (GPTQ rounding, EoRA init) works with nf4 or fp4, not {spec.method!r}")
+    if rounding not in ROUNDINGS:
+        raise LorakitError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
     if not batches:
-        raise LorakitError("model.quant_rounding gptq needs calibration rows, and the training data has none")
+        raise LorakitError("calibrated quantization (GPTQ rounding, EoRA init) needs calibration rows, and the "
+                           "training data has none")
     require_bnb()
     t0 = time.perf_counter()
-    code = four_bit_code(spec.method)
+    code = four_bit_code(spec.method) if rounding == "gptq" else None
     stack = decoder_blocks(model) if by_block else None
     if stack is not None:
-        layers, tokens = _block_by_block(model, stack, spec, batches, device, code)
+        layers, tokens = _block_by_block(model, stack, spec, batches, device, code, residual_rank)
         _release_freed_memory()
         return {"layers": layers, "tokens": tokens, "seconds": time.perf_counter() - t0}
     if device is not None:
         model.to(device)  # the whole model runs for each group
     tokens = 0
 
-    def round_group(names: list[str]) -> None:
+    def quantize_group(names: list[str]) -> None:
         nonlocal tokens
         hessians, tokens = collect_hessians(model, names, batches)
         for name in names:
-            layer = model.get_submodule(name)
-            if name in hessians:  # a layer the calibration never reached keeps plain rounding
-                layer.weight.data = gptq_round(layer.weight.data, hessians.pop(name), code)
+            _quantize_layer(model, name, hessians.pop(name, None), spec, device, code, residual_rank)
 
-    layers = quantize_model(model, spec, device, round_group=round_group, group_bytes=budget_bytes)
+    layers = quantize_model(model, spec, device, quantize_group=quantize_group, group_bytes=budget_bytes)
     return {"layers": layers, "tokens": tokens, "seconds": time.perf_counter() - t0}

@@ -274,9 +274,22 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _check_eora(plan: list[Target]) -> None:
+    from .eora import residual_of
+
+    if not any(residual_of(t.module.base_layer if isinstance(t.module, LoraLayer) else t.module) is not None
+               for t in plan):
+        raise LorakitError("lora.init eora starts each adapter from its layer's 4-bit rounding error, which only "
+                           "calibrated quantization records, and none of the targeted layers has it: train with "
+                           "--quantize nf4 --lora.init eora, or quantize with lorakit.gptq.calibrated_quantize(model, "
+                           "spec, rows, residual_rank=r) before adding the adapter")
+
+
 def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[Target]:
     """Wrap the planned modules and add ``adapter_name`` to them; returns the plan. Validates first."""
     plan = plan_targets(model, config, adapter_name)
+    if config.init == "eora":
+        _check_eora(plan)
     for t in plan:
         layer = t.module
         if not isinstance(layer, LoraLayer):

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 __all__ = ["LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv2d", "lora_scaling", "INIT_CHOICES"]
 
-INIT_CHOICES = ("default", "gaussian", "pissa", "pissa_niter_<N>")
+INIT_CHOICES = ("default", "gaussian", "pissa", "pissa_niter_<N>", "eora")
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -100,6 +100,8 @@ class LoraLayer(nn.Module, ABC):
             self._init_pissa(name, init)
         elif init in ("default", "gaussian"):
             self._init_factors(name, init)
+        elif init == "eora":
+            self._init_eora(name)
         else:
             raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INIT_CHOICES)}")
         if name not in self.active_adapters:
@@ -229,6 +231,21 @@ class LoraLayer(nn.Module, ABC):
 
     def _init_pissa(self, name: str, init: str) -> None:
         raise ValueError(f"{init} init is for Linear/Conv1D layers; use 'default' or 'gaussian' for {type(self.base_layer).__name__}")
+
+    def _init_eora(self, name: str) -> None:
+        # The first rank-r directions of the quantized base's output error, kept on the base layer
+        # by calibrated quantization (lorakit.eora); a layer without them starts as a plain LoRA.
+        from .eora import balanced_factors, residual_of
+
+        self._init_factors(name, "default")
+        factors = residual_of(self.base_layer)
+        if factors is None:
+            return
+        r = min(self.r[name], factors[0].shape[1])
+        B, A = balanced_factors(factors[0][:, :r], factors[1][:r], self.scaling[name])
+        with torch.no_grad():
+            self.lora_A[name][:r].copy_(A)
+            self.lora_B[name][:, :r].copy_(B)
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={self.r[n]} s={self.scaling[n]:g}" for n in self.lora_A)

@@ -173,23 +173,23 @@ def _groups(model: nn.Module, names: list[str], budget_bytes: int) -> list[list[
 
 
 def quantize_model(model: nn.Module, spec: QuantSpec, device: torch.device | str | None = None,
-                   round_group: Callable[[list[str]], None] | None = None, group_bytes: int = 1 << 30) -> int:
+                   quantize_group: Callable[[list[str]], None] | None = None, group_bytes: int = 1 << 30) -> int:
     """Quantize every ``nn.Linear`` of ``model`` in place except the output head, onto ``device``
     (default: where each weight is); returns how many. Layers are replaced one at a time, so the
     float copies are freed as they go. GPT-2's Conv1D and other non-Linear layers stay as they are.
 
-    ``round_group(names)``, when given, may replace the float weights of the named layers before
-    they are quantized (GPTQ rounding, ``lorakit.gptq``); it is called on groups of layers in model
-    order whose fp32 (in × in) input matrices fit ``group_bytes``, each group after the previous
-    one is quantized."""
+    ``quantize_group(names)``, when given, quantizes the named layers itself (calibrated rounding,
+    ``lorakit.gptq``); it is called on groups of layers in model order whose fp32 (in × in) input
+    matrices fit ``group_bytes``, each group after the previous one is quantized."""
     if spec.method not in QUANT_CHOICES or spec.method == "none":
         raise LorakitError(f"quantize must be one of {', '.join(QUANT_CHOICES[1:])}, got {spec.method!r}")
     require_bnb()
     targets = take_linears(model)
-    for group in _groups(model, targets, group_bytes) if round_group is not None else [targets]:
-        if round_group is not None:
-            round_group(group)
-        for name in group:
+    if quantize_group is not None:
+        for group in _groups(model, targets, group_bytes):
+            quantize_group(group)
+    else:
+        for name in targets:
             replace_layer(model, name, quantize_linear(model.get_submodule(name), spec, device))
     _release_freed_memory()
     return len(targets)

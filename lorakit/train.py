@@ -30,6 +30,7 @@ from .evaluate import eval_loss, exact_match, generate_answers, perplexity
 from .loss import causal_lm_loss_sum
 from .model import LoraModel, get_lora_model
 from .optim import build_optimizer, lr_lambda
+from .eora import drop_residuals
 from .distributed import DistContext, full_tensor, init_distributed
 from .models import (cache_root, load_model, physical_cores, quant_spec, resolve_device, resolve_dtype,
                      resolve_precision)
@@ -119,14 +120,20 @@ def _evaluate(lm: LoraModel, tok, prepared, cfg: RunConfig, device, base: bool) 
     return out, answers
 
 
-def _gptq_quantize(model, cfg: RunConfig, prepared, spec, device) -> str:
-    """Quantize the base with GPTQ rounding, calibrated on the first training examples."""
+def _calibrated_quantize(model, cfg: RunConfig, prepared, spec, device, resumed: bool) -> str:
+    """Quantize the base calibrated on the first training examples: GPTQ rounding, and the
+    corrections an EoRA-initialised adapter starts from (not for a resumed run: its adapter is
+    read from the checkpoint)."""
     from .gptq import calibrated_quantize
 
+    eora = cfg.lora.init == "eora" and not resumed
     examples = prepared.train[: cfg.model.quant_calibration]
     rows = make_batches(examples, cfg.data.max_len, 1, True, 0, seed=cfg.train.seed)  # one packed row each: no padding
-    done = calibrated_quantize(model, spec, rows, device)
-    return (f"GPTQ rounding: {done['layers']} layers calibrated on {len(examples)} training examples "
+    rank = max([cfg.lora.r, *cfg.lora.rank_pattern.values()]) if eora else 0
+    done = calibrated_quantize(model, spec, rows, device, rounding=cfg.model.quant_rounding, residual_rank=rank)
+    what = " and ".join(w for w, on in (("GPTQ rounding", cfg.model.quant_rounding == "gptq"),
+                                        (f"EoRA init (rank {rank})", eora)) if on)
+    return (f"{what}: {done['layers']} layers calibrated on {len(examples)} training examples "
             f"({done['tokens']} tokens) in {done['seconds']:.0f} s")
 
 
@@ -164,7 +171,8 @@ def _train(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
     # A resumed GPTQ run reloads the base it saved when it started (bit for bit, no recalibration).
     saved_base = out / QUANTIZED_BASE if m_cfg.quant_rounding == "gptq" and resume_from is not None else None
     saved_base = saved_base if saved_base is not None and saved_base.is_file() else None
-    calibrate = m_cfg.quant_rounding == "gptq" and saved_base is None
+    eora = cfg.lora.init == "eora"
+    calibrate = (m_cfg.quant_rounding == "gptq" and saved_base is None) or (eora and resume_from is None)
     spec = quant_spec(m_cfg.quantize, m_cfg.double_quant, m_cfg.compute_dtype, target) if calibrate else None
     # GPTQ takes the float model to the device one decoder block at a time: it is loaded on the CPU,
     # in the dtype it would have had on the device.
@@ -178,7 +186,7 @@ def _train(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
             if t_cfg.precision == "auto" and precision == "bf16" and device.type == "cpu" else ""))
     prepared = prepare_data(cfg.data, tok, t_cfg.seed, cache_root() / "data")
     if calibrate:
-        echo(_gptq_quantize(model, cfg, prepared, spec, device))
+        echo(_calibrated_quantize(model, cfg, prepared, spec, device, resume_from is not None))
     elif saved_base is not None:
         echo(f"GPTQ-rounded base restored from {saved_base}")
     if m_cfg.quantize != "none":
@@ -192,7 +200,10 @@ def _train(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
     schedule = _rank_schedule(cfg)
     lora_cfg = cfg.lora if schedule is None else replace(
         cfg.lora, r=schedule.first, alpha=stage_alpha(cfg.lora.alpha, schedule.first, schedule.final, cfg.lora.use_rslora))
+    if eora and resume_from is not None:  # the adapter comes from the checkpoint
+        lora_cfg = replace(lora_cfg, init="default")
     lm = get_lora_model(model, lora_cfg)
+    drop_residuals(model)  # the EoRA corrections are in the adapter now
     plateau = PlateauTracker(t_cfg.rank_patience) if schedule is not None and schedule.steps is None else None
     if t_cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -238,7 +249,7 @@ def _train(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_yaml)
-        if calibrate:  # the adapter is only right over this base, which nothing but this run's data rebuilds
+        if calibrate and m_cfg.quant_rounding == "gptq":  # the adapter is right over this base only, and only this run rebuilds it
             save_quantized_base(model, out / QUANTIZED_BASE)
             echo(f"saved the GPTQ-rounded base with the run: {out / QUANTIZED_BASE} "
                  f"({(out / QUANTIZED_BASE).stat().st_size / 2**20:.1f} MiB; inference with --quantize uses it)")
@@ -251,6 +262,10 @@ def _train(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
     if resume_from is None and (ctx.is_main or ctx.fsdp):
         before, base_answers = _evaluate(lm, tok, prepared, cfg, device, base=True)
         log.eval(0, before, label="base")
+        if eora and prepared.val:
+            corrected = eval_loss(lm.model, prepared.val, cfg.data.max_len, t_cfg.batch_size, tok.pad_token_id, device)
+            echo(f"EoRA init: eval loss {corrected:.4f} with the adapter as it starts (the 4-bit base alone: "
+                 f"{before['eval_loss']:.4f})")
     ctx.barrier()
 
     def write_checkpoint() -> Path:
