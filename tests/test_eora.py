@@ -174,3 +174,23 @@ def test_whole_model_path_gives_the_same_corrections_as_block_by_block():
         assert torch.equal(a.weight.data, b.weight.data), name
         (P, R), (P2, R2) = residual_of(a), residual_of(b)
         torch.testing.assert_close(P @ R, P2 @ R2, atol=1e-6, rtol=1e-4)  # the correction (factor signs may differ)
+
+
+def test_eora_adapter_loads_in_peft_over_the_nearest_rounded_base(tmp_path):
+    """With nearest rounding the 4-bit base is the one PEFT users get from bitsandbytes: the saved
+    EoRA adapter (the correction as it starts) gives the same logits in PEFT there as in lorakit."""
+    peft = pytest.importorskip("peft")
+    spec = QuantSpec("nf4", double_quant=True)
+    model = tiny_llama()
+    calibrated_quantize(model, spec, _rows(8, 32, seed=0), rounding="nearest", residual_rank=4)
+    lm = get_lora_model(model, LoraConfig(r=4, alpha=8, target_modules="all-linear", init="eora")).eval()
+    lm.save_pretrained(tmp_path / "adapter")
+    theirs_base = tiny_llama()
+    quantize_model(theirs_base, spec)
+    ids = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours = lm(input_ids=ids).logits
+        theirs = peft.PeftModel.from_pretrained(theirs_base, tmp_path / "adapter").eval()
+        torch.testing.assert_close(theirs(input_ids=ids).logits, ours, atol=1e-5, rtol=1e-5)
+        with lm.disable_adapter():
+            assert (lm(input_ids=ids).logits - ours).abs().max() > 1e-3  # the correction is really there
