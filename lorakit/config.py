@@ -15,6 +15,7 @@ __all__ = ["LoraConfig", "ModelConfig", "DataConfig", "TrainConfig", "RunConfig"
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 QUANT_CHOICES = ("none", "nf4", "fp4", "int8")
+QUANT_ROUNDINGS = ("nearest", "gptq")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 
 
@@ -169,8 +170,8 @@ class ModelConfig:
             raise LorakitError(f"model.quantize must be one of {', '.join(QUANT_CHOICES)}, got {self.quantize!r}")
         if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise LorakitError(f"model.compute_dtype must be auto, float32, bfloat16 or float16, got {self.compute_dtype!r}")
-        if self.quant_rounding not in ("nearest", "gptq"):
-            raise LorakitError(f"model.quant_rounding must be nearest or gptq, got {self.quant_rounding!r}")
+        if self.quant_rounding not in QUANT_ROUNDINGS:
+            raise LorakitError(f"model.quant_rounding must be {' or '.join(QUANT_ROUNDINGS)}, got {self.quant_rounding!r}")
         if self.quant_rounding == "gptq" and self.quantize not in ("nf4", "fp4"):
             raise LorakitError(f"model.quant_rounding gptq rounds 4-bit weights: it needs model.quantize nf4 or fp4 "
                                f"(got {self.quantize!r})")

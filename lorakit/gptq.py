@@ -23,12 +23,12 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from .config import QUANT_ROUNDINGS
 from .errors import LorakitError
 
-__all__ = ["four_bit_code", "damped", "gptq_round", "collect_hessians", "calibrated_quantize", "BLOCK", "ROUNDINGS"]
+__all__ = ["four_bit_code", "damped", "gptq_round", "collect_hessians", "calibrated_quantize", "BLOCK"]
 
 BLOCK = 64  # bitsandbytes' 4-bit block: 64 consecutive weights of a row share one absmax scale
-ROUNDINGS = ("nearest", "gptq")
 
 
 def four_bit_code(method: str) -> Tensor:
@@ -262,8 +262,8 @@ def calibrated_quantize(model: nn.Module, spec, batches: list, device=None, budg
 
     if spec.method not in ("nf4", "fp4"):
         raise LorakitError(f"calibrated quantization (GPTQ rounding, EoRA init) works with nf4 or fp4, not {spec.method!r}")
-    if rounding not in ROUNDINGS:
-        raise LorakitError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+    if rounding not in QUANT_ROUNDINGS:
+        raise LorakitError(f"rounding must be one of {', '.join(QUANT_ROUNDINGS)}, got {rounding!r}")
     if not batches:
         raise LorakitError("calibrated quantization (GPTQ rounding, EoRA init) needs calibration rows, and the "
                            "training data has none")

@@ -120,13 +120,11 @@ def _evaluate(lm: LoraModel, tok, prepared, cfg: RunConfig, device, base: bool) 
     return out, answers
 
 
-def _calibrated_quantize(model, cfg: RunConfig, prepared, spec, device, resumed: bool) -> str:
-    """Quantize the base calibrated on the first training examples: GPTQ rounding, and the
-    corrections an EoRA-initialised adapter starts from (not for a resumed run: its adapter is
-    read from the checkpoint)."""
+def _calibrated_quantize(model, cfg: RunConfig, prepared, spec, device, eora: bool) -> str:
+    """Quantize the base calibrated on the first training examples: GPTQ rounding, and with
+    ``eora`` the corrections an EoRA-initialised adapter starts from."""
     from .gptq import calibrated_quantize
 
-    eora = cfg.lora.init == "eora" and not resumed
     examples = prepared.train[: cfg.model.quant_calibration]
     rows = make_batches(examples, cfg.data.max_len, 1, True, 0, seed=cfg.train.seed)  # one packed row each: no padding
     rank = max([cfg.lora.r, *cfg.lora.rank_pattern.values()]) if eora else 0
@@ -171,8 +169,8 @@ def _train(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
     # A resumed GPTQ run reloads the base it saved when it started (bit for bit, no recalibration).
     saved_base = out / QUANTIZED_BASE if m_cfg.quant_rounding == "gptq" and resume_from is not None else None
     saved_base = saved_base if saved_base is not None and saved_base.is_file() else None
-    eora = cfg.lora.init == "eora"
-    calibrate = (m_cfg.quant_rounding == "gptq" and saved_base is None) or (eora and resume_from is None)
+    eora = cfg.lora.init == "eora" and resume_from is None  # a resumed run reads its adapter from the checkpoint
+    calibrate = (m_cfg.quant_rounding == "gptq" and saved_base is None) or eora
     spec = quant_spec(m_cfg.quantize, m_cfg.double_quant, m_cfg.compute_dtype, target) if calibrate else None
     # GPTQ takes the float model to the device one decoder block at a time: it is loaded on the CPU,
     # in the dtype it would have had on the device.
@@ -186,7 +184,7 @@ def _train(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
             if t_cfg.precision == "auto" and precision == "bf16" and device.type == "cpu" else ""))
     prepared = prepare_data(cfg.data, tok, t_cfg.seed, cache_root() / "data")
     if calibrate:
-        echo(_calibrated_quantize(model, cfg, prepared, spec, device, resume_from is not None))
+        echo(_calibrated_quantize(model, cfg, prepared, spec, device, eora))
     elif saved_base is not None:
         echo(f"GPTQ-rounded base restored from {saved_base}")
     if m_cfg.quantize != "none":
@@ -200,10 +198,11 @@ def _train(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
     schedule = _rank_schedule(cfg)
     lora_cfg = cfg.lora if schedule is None else replace(
         cfg.lora, r=schedule.first, alpha=stage_alpha(cfg.lora.alpha, schedule.first, schedule.final, cfg.lora.use_rslora))
-    if eora and resume_from is not None:  # the adapter comes from the checkpoint
+    if cfg.lora.init == "eora" and not eora:  # resumed: the adapter comes from the checkpoint
         lora_cfg = replace(lora_cfg, init="default")
     lm = get_lora_model(model, lora_cfg)
-    drop_residuals(model)  # the EoRA corrections are in the adapter now
+    if eora:
+        drop_residuals(model)  # the corrections are in the adapter now
     plateau = PlateauTracker(t_cfg.rank_patience) if schedule is not None and schedule.steps is None else None
     if t_cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

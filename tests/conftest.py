@@ -171,14 +171,38 @@ def two_adapters(tiny_model_dir, tmp_path_factory):
     return paths
 
 
-def tiny_train_cmd(model_dir, tmp_path, *flags: str) -> tuple[list[str], "Path"]:
-    """A short `lorakit train` command line on 24 alpaca rows ("add i and i") over ``model_dir``,
-    and its run folder; ``flags`` add to (or, given twice, override) the common ones."""
+def adding_data(tmp_path) -> "Path":
+    """train.jsonl in ``tmp_path``: 24 alpaca rows "add i and i" -> "2i"."""
     import json
-    import sys
 
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"add {i} and {i}", "output": str(2 * i)}) + "\n" for i in range(24)))
+    return data
+
+
+def interrupt_at(monkeypatch, step: int) -> None:
+    """Make the next training run stop after ``step`` as Ctrl-C would (SIGINT once the step is logged)."""
+    import os
+    import signal
+
+    import lorakit.runlog as runlog
+
+    original = runlog.RunLog.step
+
+    def step_then_signal(self, s, *a, **k):
+        original(self, s, *a, **k)
+        if s == step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(runlog.RunLog, "step", step_then_signal)
+
+
+def tiny_train_cmd(model_dir, tmp_path, *flags: str) -> tuple[list[str], "Path"]:
+    """A short `lorakit train` command line on 24 alpaca rows ("add i and i") over ``model_dir``,
+    and its run folder; ``flags`` add to (or, given twice, override) the common ones."""
+    import sys
+
+    data = adding_data(tmp_path)
     run = tmp_path / "run"
     return ([sys.executable, "-m", "lorakit", "train", "--model", str(model_dir), "--data", str(data), "--out", str(run),
              *flags, "--data.max_len", "48", "--data.val_size", "4", "--train.threads", "1", "--train.plot", "false"], run)

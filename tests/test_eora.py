@@ -7,7 +7,7 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from conftest import tiny_llama  # noqa: E402
+from conftest import adding_data, interrupt_at, tiny_llama  # noqa: E402
 from lorakit import LoraConfig, LorakitError, get_lora_model  # noqa: E402
 from lorakit.config import run_config_from_dict  # noqa: E402
 from lorakit.eora import balanced_factors, residual_factors, residual_of  # noqa: E402
@@ -103,21 +103,17 @@ def test_eora_run_resumes_exactly_and_its_adapter_is_plain_lora_over_the_4bit_ba
     adapter comes from the checkpoint) equals the uninterrupted run; the saved adapter is a plain
     PEFT LoRA that, over `load_model(quantize="nf4")`, scores the run's own final eval loss."""
     import json
-    import os
-    import signal
 
     from safetensors.torch import load_file
 
     import lorakit.gptq
-    import lorakit.runlog as runlog
     from lorakit import LoraModel
     from lorakit.data.dataset import prepare_data
     from lorakit.evaluate import eval_loss
     from lorakit.models import load_model
     from lorakit.train import train
 
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"instruction": f"add {i} and {i}", "output": str(2 * i)}) + "\n" for i in range(24)))
+    data = adding_data(tmp_path)
 
     def cfg(out):
         return run_config_from_dict({
@@ -138,15 +134,9 @@ def test_eora_run_resumes_exactly_and_its_adapter_is_plain_lora_over_the_4bit_ba
     loss = eval_loss(lm.model, val, 48, 2, tok.pad_token_id, torch.device("cpu"))
     assert loss == pytest.approx(result.after["eval_loss"], abs=1e-5)
 
-    original = runlog.RunLog.step
-
-    def stop_after_2(self, s, *a, **k):
-        original(self, s, *a, **k)
-        if s == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would
     quiet = dict(show_progress=False, echo=lambda s: None)
     with monkeypatch.context() as m:
-        m.setattr(runlog.RunLog, "step", stop_after_2)
+        interrupt_at(m, 2)
         assert train(cfg(tmp_path / "cut"), **quiet).interrupted
 
     def no_calibration(*a, **k):

@@ -8,7 +8,7 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from conftest import tiny_bloom, tiny_llama, tiny_train_cmd  # noqa: E402
+from conftest import adding_data, interrupt_at, tiny_bloom, tiny_llama, tiny_train_cmd  # noqa: E402
 from lorakit import LorakitError  # noqa: E402
 from lorakit.config import ModelConfig  # noqa: E402
 from lorakit.data.packing import Batch  # noqa: E402
@@ -156,19 +156,13 @@ def test_saved_base_comes_back_bit_for_bit_and_refuses_another_model(tmp_path):
 
 
 def test_resumed_gptq_run_reuses_its_saved_base_and_equals_the_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch):
-    import json
-    import os
-    import signal
-
     from safetensors.torch import load_file
 
     import lorakit.gptq
-    import lorakit.runlog as runlog
     from lorakit.config import run_config_from_dict
     from lorakit.train import train
 
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"instruction": f"add {i} and {i}", "output": str(2 * i)}) + "\n" for i in range(24)))
+    data = adding_data(tmp_path)
 
     def cfg(out):
         return run_config_from_dict({
@@ -179,14 +173,8 @@ def test_resumed_gptq_run_reuses_its_saved_base_and_equals_the_uninterrupted_run
 
     quiet = dict(show_progress=False, echo=lambda s: None)
     train(cfg(tmp_path / "full"), **quiet)
-    original = runlog.RunLog.step
-
-    def stop_after_2(self, s, *a, **k):
-        original(self, s, *a, **k)
-        if s == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would
     with monkeypatch.context() as m:
-        m.setattr(runlog.RunLog, "step", stop_after_2)
+        interrupt_at(m, 2)
         assert train(cfg(tmp_path / "cut"), **quiet).interrupted
     assert (tmp_path / "cut" / QUANTIZED_BASE).is_file()
 

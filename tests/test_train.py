@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import interrupt_at
 from lorakit import LorakitError, LoraModel
 from lorakit.config import run_config_from_dict
 from lorakit.train import train
@@ -58,19 +59,6 @@ def test_tiny_run_writes_a_peft_adapter_logs_and_plot(tiny_model_dir, tmp_path, 
         assert not torch.allclose(ours(x).logits, AutoModelForCausalLM.from_pretrained(tiny_model_dir)(x).logits, atol=1e-4)
 
 
-def _interrupt_at(monkeypatch, step):
-    import lorakit.runlog as runlog
-
-    original = runlog.RunLog.step
-
-    def step_then_signal(self, s, *a, **k):
-        original(self, s, *a, **k)
-        if s == step:
-            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would
-
-    monkeypatch.setattr(runlog.RunLog, "step", step_then_signal)
-
-
 @pytest.mark.parametrize("packing", [True, False])
 def test_interrupt_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path, monkeypatch, packing):
     data = _data(tmp_path)
@@ -81,7 +69,7 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path, mon
     full_cfg.data.packing = packing
     full = train(full_cfg, **quiet)
     with monkeypatch.context() as m:
-        _interrupt_at(m, 3)
+        interrupt_at(m, 3)
         first = train(cfg, **quiet)
     assert first.interrupted and first.steps == 3
     assert (tmp_path / "cut" / "checkpoints" / "step-00000003" / "adapter" / "adapter_model.safetensors").is_file()
