@@ -12,17 +12,15 @@ kill during the write never damages the previous checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .atomic import shareable
+from .atomic import atomic_dir, remove_stale
 from .errors import LorakitError
 
 __all__ = ["Progress", "checkpoint_dir", "save_checkpoint", "find_checkpoint", "load_trainer_state", "rng_state",
@@ -72,26 +70,17 @@ def _tuplify(x):
 
 
 def save_checkpoint(out_dir: Path, progress: Progress, write_adapter, trainer_state: dict[str, Any],
-                    config_yaml: str, keep_last: int) -> Path:
-    """Write a checkpoint atomically and prune old ones; ``write_adapter(folder)`` saves the adapter."""
+                    config_yaml: str, keep_last: int, need_bytes: int | None = None) -> Path:
+    """Write a checkpoint atomically and prune old ones; ``write_adapter(folder)`` saves the adapter.
+    A full disk raises ``DiskFull`` and leaves the earlier checkpoints as they were."""
     final = checkpoint_dir(out_dir, progress.step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{_PREFIX}*.tmp"):  # left by a run killed mid-write
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
-    try:
+    remove_stale(final.parent, "step-*")  # left by a run killed mid-write
+    with atomic_dir(final, need_bytes=need_bytes) as tmp:
         write_adapter(tmp / "adapter")
         torch.save(trainer_state, tmp / "trainer_state.pt")
         (tmp / "config.yaml").write_text(config_yaml)
         # progress.json last: a folder without it is never taken for a checkpoint.
         (tmp / "progress.json").write_text(json.dumps(progress.__dict__, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        shareable(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(out_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from ._version import __version__
@@ -56,6 +57,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant-rounding", dest="alias_quant_rounding", metavar="R",
                    help="= --model.quant_rounding (nearest | gptq)")
     p.add_argument("--optimizer", dest="alias_optimizer", metavar="O", help="= --train.optimizer")
+    p.add_argument("--device", dest="alias_device", metavar="D", help="= --model.device")
+    p.add_argument("--dtype", dest="alias_dtype", metavar="D", help="= --model.dtype")
+    p.add_argument("--template", dest="alias_template", metavar="T", help="= --data.template")
+    p.add_argument("--format", dest="alias_format", metavar="F", help="= --data.format")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="train on N processes of this machine (starts torchrun; see docs/distributed.md)")
     from .config import RunConfig
@@ -84,7 +89,9 @@ def _flag_overrides(args: argparse.Namespace) -> dict:
                "alias_resume": ("train", "resume"), "alias_quantize": ("model", "quantize"),
                "alias_double_quant": ("model", "double_quant"), "alias_compute_dtype": ("model", "compute_dtype"),
                "alias_quant_rounding": ("model", "quant_rounding"),
-               "alias_optimizer": ("train", "optimizer")}
+               "alias_optimizer": ("train", "optimizer"), "alias_device": ("model", "device"),
+               "alias_dtype": ("model", "dtype"), "alias_template": ("data", "template"),
+               "alias_format": ("data", "format")}
     for dest, (section, key) in aliases.items():
         if getattr(args, dest, None) is not None:
             out.setdefault(section, {})[key] = getattr(args, dest)
@@ -166,7 +173,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line in plain words: lorakit's own as "warning: ...", another library's
+    with its name; libraries' deprecation notices (addressed to developers, not users) are dropped."""
+    origin = Path(filename).parts
+    package = next((origin[i + 1] for i in range(len(origin) - 1) if origin[i] == "site-packages"), None)
+    if "lorakit" in origin or package is None:
+        print(f"warning: {message}", file=sys.stderr)
+    elif not issubclass(category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)):
+        print(f"warning ({package}): {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
+    shown, warnings.showwarning = warnings.showwarning, _show_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.showwarning = shown
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:

@@ -14,7 +14,8 @@ __all__ = ["INFER_COMMANDS"]
 
 
 def _model_args(p: argparse.ArgumentParser, adapters: str = "many") -> None:
-    p.add_argument("--model", default="smollm2-135m", help="base model: folder, .gguf file, hub id or 'smollm2-135m' (default)")
+    p.add_argument("--model", default=None, help="base model: folder, .gguf file, hub id or 'smollm2-135m' (default: the "
+                   "first adapter's base_model_name_or_path, else smollm2-135m)")
     if adapters == "many":
         p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH", help="adapter folder (repeatable)")
     elif adapters == "one":
@@ -86,10 +87,28 @@ def _sampling(args: argparse.Namespace):
     return Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed, list(args.stop))
 
 
+def _base_model(args: argparse.Namespace) -> str:
+    """--model, else the base the (first) adapter records, else the embedded default."""
+    from .infer import parse_adapter_spec
+
+    if args.model:
+        return args.model
+    adapters = [args.adapter] if isinstance(getattr(args, "adapter", None), str) else getattr(args, "adapter", [])
+    if adapters:
+        config = Path(parse_adapter_spec(adapters[0])[1]) / "adapter_config.json"
+        try:
+            recorded = json.loads(config.read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError):
+            recorded = None  # an unreadable adapter is reported when it is loaded
+        if isinstance(recorded, str) and recorded:
+            return recorded
+    return "smollm2-135m"
+
+
 def _engine(args: argparse.Namespace):
     from .infer import load_engine
 
-    return load_engine(args.model, args.adapter, args.device, args.dtype, getattr(args, "template", "auto"),
+    return load_engine(_base_model(args), args.adapter, args.device, args.dtype, getattr(args, "template", "auto"),
                        **_quant_kwargs(args))
 
 
@@ -113,9 +132,13 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
 def _read_prompts(path: str, system: str | None) -> list[list[dict]]:
     chats = []
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     except FileNotFoundError:
         raise LorakitError(f"prompts file {path} does not exist") from None
+    except IsADirectoryError:
+        raise LorakitError(f"prompts file {path} is a folder; give a JSONL file") from None
+    except UnicodeDecodeError as err:
+        raise LorakitError(f"{path}: not UTF-8 text (byte offset {err.start}); save it as UTF-8") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -183,7 +206,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         print()
         return 0
 
-    print(f"lorakit chat — model {args.model}, adapter: {adapter or 'none'}. {CHAT_HELP}")
+    print(f"lorakit chat — model {_base_model(args)}, adapter: {adapter or 'none'}. {CHAT_HELP}")
     while True:
         try:
             line = input(f"[{adapter or 'base'}] you> ").strip()
@@ -255,7 +278,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         raise LorakitError("--requantize re-quantizes a quantized run's merge: also pass --quantize nf4|fp4|int8 "
                            "(the run's model.quantize)")
     spec = quant_spec(args.quantize, args.double_quant, args.compute_dtype)
-    base, tok = load_model(args.model, args.device, args.dtype, **_quant_kwargs(args))
+    base, tok = load_model(_base_model(args), args.device, args.dtype, **_quant_kwargs(args))
     lm = LoraModel.from_pretrained(base, args.adapter)
     if spec is not None:
         from .quant import dequantize_model, hf_quantization_config, quantize_model, requantize_error
@@ -350,6 +373,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from .errors import require_extra
+
+    require_extra("serve", ("fastapi", "uvicorn"), "lorakit serve")  # before the model is loaded
     import uvicorn
 
     from .serve import ServeSettings, create_app

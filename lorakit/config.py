@@ -149,7 +149,7 @@ class ModelConfig:
     device: str = "auto"
     """auto | cpu | cuda | cuda:N | mps."""
     dtype: str = "auto"
-    """Weights dtype: auto (bf16 on CUDA that supports it, fp32 elsewhere) | float32 | bfloat16 | float16."""
+    """Weights dtype: auto (bf16 when training runs in bf16 — see train.precision — and on CUDA GPUs with bf16; float32 otherwise) | float32 | bfloat16 | float16."""
     trust_remote_code: bool = False
     """Allow model code from the hub (off unless you trust the repository)."""
     quantize: str = "none"
@@ -255,7 +255,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     """Recompute activations in backward (less memory, ~30% slower)."""
     precision: str = "auto"
-    """auto (bf16 autocast on CUDA that supports it, fp32 on CPU) | fp32 | bf16 | fp16."""
+    """auto (bf16 autocast on CUDA GPUs with bf16 and on CPUs with native bf16 matmuls, AVX512-BF16/AMX; fp32 on other CPUs and for a 4-bit base on CPU) | fp32 | bf16 | fp16."""
     eval_every: int = 0
     """Evaluate every N steps (0: only before and after training)."""
     eval_samples: int = 64
@@ -269,7 +269,7 @@ class TrainConfig:
     plot: bool = True
     """Write loss.png (train and eval loss) into the run folder."""
     tensorboard: bool = False
-    """Also log to TensorBoard (needs the tensorboard package)."""
+    """Also log to TensorBoard, in out_dir/tensorboard (needs lorakit[tensorboard])."""
     threads: int = 0
     """CPU threads for torch (0: the number of physical cores)."""
     overwrite: bool = False
@@ -358,6 +358,10 @@ def load_yaml(path: str) -> dict[str, Any]:
             data = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise LorakitError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise LorakitError(f"config file {path} is a folder; give the YAML file (e.g. {path}/config.yaml)") from None
+    except UnicodeDecodeError as err:
+        raise LorakitError(f"{path}: not UTF-8 text (byte offset {err.start}); save the config as UTF-8") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""

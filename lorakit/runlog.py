@@ -46,13 +46,10 @@ class RunLog:
         self.bar = None
         self._bar_args = (total_steps, start_step) if show_progress else None
         self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                print("tensorboard is not installed (pip install tensorboard); logging to metrics.jsonl only", file=sys.stderr)
-            else:
-                self.tb = SummaryWriter(str(out / "tensorboard"))
+        if tensorboard:  # its package was checked before the run started (train.check_extras)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
 
     def start_progress(self) -> None:
         """Open the progress bar (after the first evaluation, so its rate and ETA are the loop's)."""
@@ -80,9 +77,9 @@ class RunLog:
                     self.tb.add_scalar(k, v, rec["step"])
 
     def step(self, step: int, loss: float, lr: float, grad_norm: float, tokens: int, tokens_per_s: float, write: bool) -> None:
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
+        if self.bar is not None:  # the postfix first: update() draws the bar with this step's numbers
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+            self.bar.update(step - self.bar.n)
         self._losses.append(loss)
         if write:
             mean = sum(self._losses) / len(self._losses)  # the interval's mean: smoother than one step's loss

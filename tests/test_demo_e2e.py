@@ -29,6 +29,17 @@ def test_demo_run_learns_the_task_and_its_adapter_loads_in_peft(tmp_path):
     before, after = float(m.group(1)), float(m.group(2))
     print(proc.stdout)
     assert after - before >= 50, (before, after)
+    # lorakit's own lines only: no third-party progress bars or warnings (its own "train:" bar aside)
+    noise = [line for line in (proc.stdout + proc.stderr).replace("\r", "\n").splitlines()
+             if re.search(r"Traceback|Warning|it/s\]|Loading weights|Writing model shards|de-quantizing", line)]
+    assert not noise, noise
+    # the adapter names the hub model its base was converted from, and carries a model card
+    import json
+
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    card = (out / "adapter" / "README.md").read_text()
+    assert "license: apache-2.0" in card and f"| exact match | {before:.1f}% | {after:.1f}% |" in card
 
     peft = pytest.importorskip("peft")
     from lorakit import LoraModel

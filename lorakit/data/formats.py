@@ -46,25 +46,74 @@ def data_files(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
+def _undecodable(path: Path) -> LorakitError:
+    """Where the first bytes that are not UTF-8 sit (line and byte offset), and what to do."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8-sig")
+        offset, bad = 0, b""
+    except UnicodeDecodeError as err:  # decoded whole, so the offset is the file's (a stream's is its chunk's)
+        offset, bad = err.start, raw[err.start:err.start + 4]
+    line = raw.count(b"\n", 0, offset) + 1
+    what = "looks like a binary file, not text" if b"\x00" in raw[:4096] else f"is not UTF-8 text (bytes {bad!r})"
+    return LorakitError(f"{path}:{line}: the file {what} at byte offset {offset}; save it as UTF-8 (e.g. "
+                        f"iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}) or remove it from the data")
+
+
+def _parquet_rows(path: Path) -> list[dict[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise LorakitError(f"{path}: reading parquet needs pyarrow: pip install 'lorakit[parquet]'") from None
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow's ArrowInvalid / ArrowIOError: truncated or not parquet at all
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise LorakitError(f"{path}: not a readable parquet file ({first}); the file may be truncated — "
+                           "write it again, or use .jsonl") from None
+
+
 def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, record) pairs; where is 'file:line' or 'file: record N'."""
+    """(where, record) pairs; where is 'file:line' or 'file: record N'. A file that cannot be read
+    (not UTF-8, truncated, a folder, no permission) is a LorakitError naming it and the place."""
+    try:
+        yield from _records(path)
+    except UnicodeDecodeError:
+        raise _undecodable(path) from None
+    except IsADirectoryError:
+        raise LorakitError(f"{path} is a folder, not a data file; give the folder itself to read every data file in it") from None
+    except PermissionError:
+        raise LorakitError(f"{path}: permission denied; make the file readable or copy it elsewhere") from None
+    except csv.Error as err:
+        raise LorakitError(f"{path}: not valid CSV ({err}); check the quoting") from None
+    except OSError as err:
+        raise LorakitError(f"{path}: cannot be read ({err.strerror or err})") from None
+
+
+def _records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as err:
+                    if "\x00" in line:
+                        raise LorakitError(f"{path}:{n}: this looks like a binary file, not JSON lines text") from None
                     raise LorakitError(f"{path}:{n}: not valid JSON ({err.msg} at column {err.colno}); fix or remove the line") from None
                 if not isinstance(rec, dict):
                     raise LorakitError(f"{path}:{n}: each line must be a JSON object, got {type(rec).__name__}")
                 yield f"{path}:{n}", rec
     elif path.suffix == ".json":
+        text = path.read_text(encoding="utf-8-sig")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise LorakitError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); fix the file") from None
+            ended = err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated string")
+            cut = " (the file ends in the middle of a record: truncated?)" if ended else ""
+            raise LorakitError(f"{path}:{err.lineno}: not valid JSON ({err.msg} column {err.colno}){cut}; "
+                               "fix the file") from None
         if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
             data = next(iter(data.values()))  # {"train": [...]} style
         if not isinstance(data, list):
@@ -74,15 +123,14 @@ def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise LorakitError(f"{path}: record {n} must be a JSON object, got {type(rec).__name__}")
             yield f"{path}: record {n}", rec
     elif path.suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
+        with path.open(encoding="utf-8-sig", newline="") as f:
             for n, rec in enumerate(csv.DictReader(f), 2):
+                if None in rec:  # more cells than the header has names
+                    raise LorakitError(f"{path}:{n}: {len(rec) - 1 + len(rec[None])} cells but the header names "
+                                       f"{len(rec) - 1} columns; quote cells that contain commas")
                 yield f"{path}:{n}", dict(rec)
     elif path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise LorakitError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
-        for n, rec in enumerate(pq.read_table(path).to_pylist(), 1):
+        for n, rec in enumerate(_parquet_rows(path), 1):
             yield f"{path}: row {n}", rec
     else:  # pragma: no cover - data_files filters suffixes
         raise LorakitError(f"{path}: unsupported file type")
@@ -198,7 +246,7 @@ def _check_chat(example: dict, where: str) -> None:
 def to_examples(records: Iterable[tuple[str, dict]], fmt: str = "auto", columns: dict[str, str] | None = None) -> Iterator[tuple[str, dict]]:
     """Normalise records (see module doc); the format is detected from the first record when 'auto'."""
     if fmt not in FORMATS:
-        raise LorakitError(f"data.format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise LorakitError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     columns = columns or {}
     for where, rec in records:
         if fmt == "auto":

@@ -37,11 +37,11 @@ class Encoded:
 
 def resolve_template(name: str, tokenizer: Any) -> str:
     if name not in TEMPLATES:
-        raise LorakitError(f"data.template must be one of {', '.join(TEMPLATES)}, got {name!r}")
+        raise LorakitError(f"--template must be one of {', '.join(TEMPLATES)}, got {name!r}")
     if name == "auto":
         return "tokenizer" if getattr(tokenizer, "chat_template", None) else "chatml"
     if name == "tokenizer" and not getattr(tokenizer, "chat_template", None):
-        raise LorakitError("this tokenizer has no chat template; set data.template to chatml or human-assistant")
+        raise LorakitError("this tokenizer has no chat template; pass --template chatml or --template human-assistant")
     return name
 
 
