@@ -246,7 +246,7 @@ def _check_chat(example: dict, where: str) -> None:
 def to_examples(records: Iterable[tuple[str, dict]], fmt: str = "auto", columns: dict[str, str] | None = None) -> Iterator[tuple[str, dict]]:
     """Normalise records (see module doc); the format is detected from the first record when 'auto'."""
     if fmt not in FORMATS:
-        raise LorakitError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise LorakitError(f"data.format must be one of {', '.join(FORMATS)}, got {fmt!r} (--format on the command line)")
     columns = columns or {}
     for where, rec in records:
         if fmt == "auto":
