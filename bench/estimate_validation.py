@@ -6,7 +6,7 @@ Each configuration runs in its own process: baseline RSS after imports, then the
 (loaded for SmolLM2; quantized for QLoRA), wrapped, and the peak-RSS mark is reset
 (/proc/self/clear_refs), so loading's transient copies do not count; then two optimizer steps run
 on batch × seq tokens (all labels); measured = peak RSS of the steps − baseline. The estimate
-comes from lorakit.estimate with the same settings (framework overhead excluded: the baseline
+comes from lorakit.planning.estimate with the same settings (framework overhead excluded: the baseline
 already holds it).
 """
 
@@ -44,8 +44,9 @@ def status(key):
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
 import torch, transformers
 from lorakit import LoraConfig, get_lora_model
-from lorakit.loss import causal_lm_loss_sum
-from lorakit.estimate import shape_from_config, estimate_memory, load_model_config
+from lorakit.ops.loss import causal_lm_loss_sum
+from lorakit.base.source import load_model_config
+from lorakit.planning.estimate import shape_from_config, estimate_memory
 torch.manual_seed(0)
 torch.set_num_threads(2)
 label, name, method, r, batch, seq, ckpt, *rest = json.loads(sys.argv[1])
@@ -71,7 +72,7 @@ base = status("VmRSS")
 if name == "mid":
     model = transformers.LlamaForCausalLM(cfg)
 else:
-    from lorakit.models import load_model
+    from lorakit.base import load_model
     model, _ = load_model(name, device="cpu", dtype="bfloat16" if dtype == "bf16" else "float32",
                           quantize="nf4" if method == "qlora" else "none")
 model.train()

@@ -24,7 +24,7 @@ def build(model_name: str):
     import peft
 
     import lorakit
-    from lorakit.models import load_model
+    from lorakit.base import load_model
 
     loaded, tok = load_model(model_name, "cpu", "float32")
     base = copy.deepcopy(loaded).eval()  # every model owns its memory (the loaded one maps the file)

@@ -56,8 +56,8 @@ def run_train(out: Path, extra: list[str]) -> dict:
 
 
 def weight_memory(model_name: str) -> tuple[float, float, int]:
-    from lorakit.models import load_model
-    from lorakit.quant import quantized_layers, storage_bytes
+    from lorakit.base import load_model
+    from lorakit.quant.bnb import quantized_layers, storage_bytes
 
     model, _ = load_model(model_name, "cpu", quantize="nf4")
     layers = [m for _, m in quantized_layers(model)]
@@ -69,10 +69,10 @@ def weight_memory(model_name: str) -> tuple[float, float, int]:
 def merge_variants(run: Path) -> tuple[list[tuple[str, dict]], dict]:
     from lorakit.config import load_yaml, run_config_from_dict
     from lorakit.data.dataset import prepare_data
-    from lorakit.model import LoraModel
-    from lorakit.models import cache_root, load_model
-    from lorakit.quant import QuantSpec, dequantize_model, quantize_model, requantize_error
-    from lorakit.train import _evaluate
+    from lorakit.core.lora_model import LoraModel
+    from lorakit.base import cache_root, load_model
+    from lorakit.quant.bnb import QuantSpec, dequantize_model, quantize_model, requantize_error
+    from lorakit.training.evaluate import evaluate_adapter
 
     cfg = run_config_from_dict(load_yaml(run / "config.yaml"))
     spec = QuantSpec("nf4", True, torch.float32)
@@ -82,7 +82,8 @@ def merge_variants(run: Path) -> tuple[list[tuple[str, dict]], dict]:
     def evaluate(model, tok, label):
         prepared = prepare_data(cfg.data, tok, cfg.train.seed, cache_root() / "data")
         lm = LoraModel(model) if not hasattr(model, "disable_adapter") else model
-        scores, _ = _evaluate(lm, tok, prepared, cfg, device, base=False)
+        scores, _ = evaluate_adapter(lm, tok, prepared, cfg.data.max_len, cfg.train.batch_size, cfg.train.eval_samples,
+                                    device, base=False)
         results.append((label, scores))
         print(f"  {label}: {scores}", flush=True)
 
@@ -107,15 +108,16 @@ def adapter_scores(run: Path, quantize: str, quantized_base: Path | None = None)
     or the 4-bit layers saved in ``quantized_base``)."""
     from lorakit.config import load_yaml, run_config_from_dict
     from lorakit.data.dataset import prepare_data
-    from lorakit.model import LoraModel
-    from lorakit.models import cache_root, load_model
-    from lorakit.train import _evaluate
+    from lorakit.core.lora_model import LoraModel
+    from lorakit.base import cache_root, load_model
+    from lorakit.training.evaluate import evaluate_adapter
 
     cfg = run_config_from_dict(load_yaml(run / "config.yaml"))
     base, tok = load_model(cfg.model.name, "cpu", "float32", quantize=quantize, quantized_base=quantized_base)
     lm = LoraModel.from_pretrained(base, run / "adapter").eval()
     prepared = prepare_data(cfg.data, tok, cfg.train.seed, cache_root() / "data")
-    return _evaluate(lm, tok, prepared, cfg, torch.device("cpu"), base=False)[0]
+    return evaluate_adapter(lm, tok, prepared, cfg.data.max_len, cfg.train.batch_size, cfg.train.eval_samples,
+                            torch.device("cpu"), base=False)[0]
 
 
 def main() -> None:

@@ -19,8 +19,8 @@ import time
 import torch
 
 from lorakit import LoraConfig, LoraModel, get_lora_model
-from lorakit.generation import Request, Sampling, generate_batch
-from lorakit.models import load_model
+from lorakit.inference.generation import Request, Sampling, generate_batch
+from lorakit.base import load_model
 
 QUESTIONS = ["Normalize this date to YYYY-MM-DD: March 5, 2021", "Who are you?", "Write a haiku about rivers.",
              "What is the capital of France?", "Explain LoRA in one sentence.", "List three fruits.",

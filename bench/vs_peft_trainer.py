@@ -83,7 +83,7 @@ def _held_out_loss(model, tok, val_path: Path, max_len: int) -> float:
 
     from lorakit.config import DataConfig
     from lorakit.data.dataset import prepare_data
-    from lorakit.evaluate import eval_loss
+    from lorakit.training.evaluate import eval_loss
 
     prepared = prepare_data(DataConfig(path=str(val_path), val_size=0, max_len=max_len, cache=False), tok, 0)
     return eval_loss(model, prepared.train, max_len, 4, tok.pad_token_id, torch.device("cpu"))
@@ -104,8 +104,8 @@ def worker_lorakit(train_path: Path, val_path: Path, steps: int, max_len: int, o
     if done.returncode != 0:
         raise SystemExit(done.stderr[-3000:])
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"tokens_per_s"' in x]
-    from lorakit.model import LoraModel
-    from lorakit.models import load_model
+    from lorakit.core.lora_model import LoraModel
+    from lorakit.base import load_model
 
     base, tok = load_model(MODEL, "cpu")
     lm = LoraModel.from_pretrained(base, out / "adapter")
@@ -119,7 +119,7 @@ def worker_peft(train_path: Path, val_path: Path, steps: int, max_len: int, out:
     from peft import get_peft_model
     from transformers import DataCollatorForLanguageModeling, DataCollatorWithFlattening, Trainer, TrainingArguments
 
-    from lorakit.models import load_model
+    from lorakit.base import load_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     model, tok = load_model(MODEL, "cpu", "bfloat16" if bf16 else "float32")
@@ -193,7 +193,7 @@ def main() -> None:
 
     out = Path(args.out)
     paths = write_sets(out)
-    from lorakit.models import native_bf16
+    from lorakit.base import native_bf16
 
     import torch
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit import LoraConfig, get_lora_model
-from lorakit.inject import last_modules
+from lorakit.core.inject import last_modules
 
 SIZE = 32
 CLASSES = ("square", "disc", "triangle", "cross")

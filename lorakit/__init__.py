@@ -1,6 +1,12 @@
 """lorakit: LoRA fine-tuning — inject adapters, train them, save them in PEFT's format, merge,
 combine and switch them over one base model.
 
+The package is a few rooms, one per concept (see docs/architecture.md): ``core`` (the LoRA layers,
+injection, ``LoraModel``, PEFT's format, merge, combine), ``ops`` (the pieces plugged into a
+transformers model: packed attention, the label-only loss), ``quant`` (4-bit/8-bit bases, GPTQ,
+EoRA), ``data``, ``base`` (loading base models), ``inference``, ``training``, ``planning`` and
+``cli``; ``config``, ``errors`` and ``atomic`` are below them all.
+
 The public names are imported on first use (PEP 562), so ``import lorakit`` and the command
 line's ``--help``/``--version`` and usage errors do not pay for importing torch and transformers."""
 
@@ -14,14 +20,14 @@ from .errors import LorakitError
 
 _LAZY = {
     "LoraConfig": "config",
-    "LoraModel": "model",
-    "get_lora_model": "model",
-    "read_adapter": "adapters",
-    "DEFAULT_TARGETS": "inject",
-    "LoraLayer": "lora",
-    "LoraLinear": "lora",
-    "LoraEmbedding": "lora",
-    "LoraConv2d": "lora",
+    "LoraModel": "core.lora_model",
+    "get_lora_model": "core.lora_model",
+    "read_adapter": "core.peft_format",
+    "DEFAULT_TARGETS": "core.inject",
+    "LoraLayer": "core.layers",
+    "LoraLinear": "core.layers",
+    "LoraEmbedding": "core.layers",
+    "LoraConv2d": "core.layers",
 }
 
 __all__ = ["__version__", "LorakitError", *_LAZY]

@@ -185,7 +185,7 @@ def interrupt_at(monkeypatch, step: int) -> None:
     import os
     import signal
 
-    import lorakit.runlog as runlog
+    import lorakit.training.runlog as runlog
 
     original = runlog.RunLog.step
 

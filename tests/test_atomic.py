@@ -34,7 +34,7 @@ def test_atomic_file_has_default_permissions_and_leaves_nothing_on_error(tmp_pat
 def test_a_run_folder_is_readable_by_others(tiny_model_dir, tmp_path, umask_022):
     from test_train import _cfg, _data
 
-    from lorakit.train import train
+    from lorakit.training.loop import train
 
     train(_cfg(tiny_model_dir, _data(tmp_path), tmp_path / "run", max_steps=2, save_every=1),
           show_progress=False, echo=lambda s: None)

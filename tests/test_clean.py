@@ -145,7 +145,7 @@ def test_cli_clean_with_workers_then_train_on_the_corpus(corpus, tmp_path, tiny_
     report = json.loads((tmp_path / "corpus.jsonl.report.json").read_text())
     assert report["kept"] == 7 and report["rejected"]["garbled"] == 2
     from lorakit.config import run_config_from_dict
-    from lorakit.train import train
+    from lorakit.training.loop import train
 
     cfg = run_config_from_dict({"model": {"name": str(tiny_model_dir)}, "data": {"path": str(out), "max_len": 64, "val_size": 1},
                                 "lora": {"r": 4, "alpha": 8}, "train": {"out_dir": str(tmp_path / "run"), "max_steps": 2,

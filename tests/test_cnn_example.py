@@ -28,7 +28,7 @@ def test_per_layer_conv_ranks_and_last_modules():
     from cnn_lora import SmallCNN
 
     from lorakit import LoraConfig, get_lora_model
-    from lorakit.inject import last_modules
+    from lorakit.core.inject import last_modules
 
     model = SmallCNN()
     convs = last_modules(model, nn.Conv2d, 3)

@@ -10,10 +10,11 @@ bnb = pytest.importorskip("bitsandbytes")
 from conftest import adding_data, interrupt_at, tiny_llama  # noqa: E402
 from lorakit import LoraConfig, LorakitError, get_lora_model  # noqa: E402
 from lorakit.config import run_config_from_dict  # noqa: E402
-from lorakit.eora import balanced_factors, residual_factors, residual_of  # noqa: E402
-from lorakit.gptq import calibrated_quantize, damped  # noqa: E402
-from lorakit.lora import LoraLayer  # noqa: E402
-from lorakit.quant import QuantSpec, dequantize_weight, quantize_model, quantized_layers  # noqa: E402
+from lorakit.core.start import balanced_factors, start_of as residual_of  # noqa: E402
+from lorakit.quant.eora import residual_factors  # noqa: E402
+from lorakit.quant.gptq import calibrated_quantize, damped  # noqa: E402
+from lorakit.core.layers import LoraLayer  # noqa: E402
+from lorakit.quant.bnb import QuantSpec, dequantize_weight, quantize_model, quantized_layers  # noqa: E402
 from test_gptq import _correlated_inputs, _nearest, _rows  # noqa: E402
 
 
@@ -106,12 +107,12 @@ def test_eora_run_resumes_exactly_and_its_adapter_is_plain_lora_over_the_4bit_ba
 
     from safetensors.torch import load_file
 
-    import lorakit.gptq
+    import lorakit.quant.gptq
     from lorakit import LoraModel
     from lorakit.data.dataset import prepare_data
-    from lorakit.evaluate import eval_loss
-    from lorakit.models import load_model
-    from lorakit.train import train
+    from lorakit.training.evaluate import eval_loss
+    from lorakit.base import load_model
+    from lorakit.training.loop import train
 
     data = adding_data(tmp_path)
 
@@ -141,7 +142,7 @@ def test_eora_run_resumes_exactly_and_its_adapter_is_plain_lora_over_the_4bit_ba
 
     def no_calibration(*a, **k):
         raise AssertionError("a resumed EoRA run reads its adapter from the checkpoint")
-    monkeypatch.setattr(lorakit.gptq, "calibrated_quantize", no_calibration)
+    monkeypatch.setattr(lorakit.quant.gptq, "calibrated_quantize", no_calibration)
     resumed = cfg(tmp_path / "cut")
     resumed.train.resume = "latest"
     assert train(resumed, **quiet).steps == 4

@@ -4,7 +4,7 @@ import pytest
 from transformers import LlamaConfig
 
 from lorakit import LorakitError
-from lorakit.estimate import BITS_NF4, BITS_NF4_DOUBLE_QUANT, estimate_memory, parse_size, shape_from_config
+from lorakit.planning.estimate import BITS_NF4, BITS_NF4_DOUBLE_QUANT, estimate_memory, parse_size, shape_from_config
 
 SMOL = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                    num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)

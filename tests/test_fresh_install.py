@@ -152,7 +152,7 @@ def test_a_run_over_a_hub_id_is_found_again_by_peft_offline_with_a_model_card(ti
 def test_the_embedded_models_hub_id_resolves_to_its_file_without_network(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from lorakit import models
+    from lorakit import base as models
 
     # huggingface_hub reads HF_HUB_CACHE once, at import: point its constant at the test's folders
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))

@@ -12,9 +12,9 @@ from conftest import adding_data, interrupt_at, tiny_bloom, tiny_llama, tiny_tra
 from lorakit import LorakitError  # noqa: E402
 from lorakit.config import ModelConfig  # noqa: E402
 from lorakit.data.packing import Batch  # noqa: E402
-from lorakit.gptq import calibrated_quantize, collect_hessians, four_bit_code, gptq_round  # noqa: E402
-from lorakit.quant import QuantSpec, dequantize_weight, quantize_linear, quantize_model, quantized_layers  # noqa: E402
-from lorakit.quantized_base import QUANTIZED_BASE, restore_quantized_base, save_quantized_base  # noqa: E402
+from lorakit.quant.gptq import calibrated_quantize, collect_hessians, four_bit_code, gptq_round  # noqa: E402
+from lorakit.quant.bnb import QuantSpec, dequantize_weight, quantize_linear, quantize_model, quantized_layers  # noqa: E402
+from lorakit.quant.saved_base import QUANTIZED_BASE, restore_quantized_base, save_quantized_base  # noqa: E402
 
 PLAIN_NF4 = QuantSpec("nf4", double_quant=False)
 
@@ -158,9 +158,9 @@ def test_saved_base_comes_back_bit_for_bit_and_refuses_another_model(tmp_path):
 def test_resumed_gptq_run_reuses_its_saved_base_and_equals_the_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import lorakit.gptq
+    import lorakit.quant.gptq
     from lorakit.config import run_config_from_dict
-    from lorakit.train import train
+    from lorakit.training.loop import train
 
     data = adding_data(tmp_path)
 
@@ -180,7 +180,7 @@ def test_resumed_gptq_run_reuses_its_saved_base_and_equals_the_uninterrupted_run
 
     def no_calibration(*a, **k):
         raise AssertionError("a resumed run must not calibrate again")
-    monkeypatch.setattr(lorakit.gptq, "calibrated_quantize", no_calibration)
+    monkeypatch.setattr(lorakit.quant.gptq, "calibrated_quantize", no_calibration)
     said = []
     resumed = cfg(tmp_path / "cut")
     resumed.train.resume = "latest"
@@ -214,8 +214,8 @@ def test_cli_train_with_gptq_rounding(tiny_model_dir, tmp_path, capsys):
 
     from lorakit import LoraModel
     from lorakit.cli import main
-    from lorakit.cli_infer import _quant_kwargs
-    from lorakit.models import load_model
+    from lorakit.cli.infer import _quant_kwargs
+    from lorakit.base import load_model
 
     cmd, run = tiny_train_cmd(tiny_model_dir, tmp_path, "--quantize", "nf4", "--quant-rounding", "gptq",
                               "--model.quant_calibration", "8", "--train.max_steps", "2")

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from lorakit import LoraModel
 from lorakit.cli import main
-from lorakit.generation import Request, Sampling
-from lorakit.infer import load_engine
+from lorakit.inference.generation import Request, Sampling
+from lorakit.inference.engine import load_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 Q = [{"role": "user", "content": "normalize the date March 5"}]

@@ -7,7 +7,7 @@ from conftest import (VOCAB, assert_unchanged, copy, randomize_adapters, snapsho
 from torch import nn
 
 from lorakit import LoraConfig, LorakitError, LoraLayer, get_lora_model
-from lorakit.inject import ModulesToSave, lora_layers
+from lorakit.core.inject import ModulesToSave, lora_layers
 
 
 def _wrapped(model):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.lora import LoraConv2d, LoraEmbedding, LoraLinear, lora_scaling
+from lorakit.core.layers import LoraConv2d, LoraEmbedding, LoraLinear, lora_scaling
 
 
 def _randomize_B(layer, name="default"):

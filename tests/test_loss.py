@@ -6,10 +6,10 @@ import torch.nn.functional as F
 from conftest import randomize_adapters, tiny_gpt2, tiny_llama
 
 from lorakit import LoraConfig, get_lora_model
-from lorakit.attention import use_packed_attention, packed_positions
+from lorakit.ops.attention import use_packed_attention, packed_positions
 from lorakit.data.packing import collate_packed, pack_rows
 from lorakit.data.templates import Encoded
-from lorakit.loss import causal_lm_loss_sum, linear_cross_entropy_sum
+from lorakit.ops.loss import causal_lm_loss_sum, linear_cross_entropy_sum
 
 
 @pytest.mark.parametrize("with_bias, train_weight", [(False, False), (True, True)])

@@ -8,7 +8,7 @@ from conftest import randomize_adapters, snapshot, assert_unchanged, tiny_convne
 from transformers import AutoModelForCausalLM
 
 from lorakit import LoraConfig, LorakitError, LoraLayer, get_lora_model
-from lorakit.merge import save_merged
+from lorakit.core.merge import save_merged
 
 
 @pytest.mark.parametrize("make, cfg", [

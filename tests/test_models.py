@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lorakit import LorakitError
-from lorakit.models import load_model, resolve_dtype, resolve_source
+from lorakit.base import load_model, resolve_dtype, resolve_source
 
 
 def test_local_folder_loads_with_pad_token(tiny_model_dir):

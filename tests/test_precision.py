@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-import lorakit.models as models
+import lorakit.base.device as models
 from lorakit import LoraConfig, get_lora_model
 from lorakit.config import run_config_from_dict
-from lorakit.train import resolve_precision, train
+from lorakit.base import resolve_precision
+from lorakit.training.loop import train
 
 CPU = torch.device("cpu")
 
@@ -108,7 +109,7 @@ def test_auto_bf16_run_tracks_the_fp32_run(tiny_model_dir, tmp_path, monkeypatch
 def test_packed_attention_upcasts_short_bf16_documents_on_cpu():
     import torch.nn.functional as F
 
-    from lorakit.attention import CPU_BF16_UPCAST_BELOW, packed_attention
+    from lorakit.ops.attention import CPU_BF16_UPCAST_BELOW, packed_attention
 
     torch.manual_seed(0)
     short, long = 20, CPU_BF16_UPCAST_BELOW + 8

@@ -13,9 +13,9 @@ bnb = pytest.importorskip("bitsandbytes")
 from conftest import randomize_adapters, tiny_llama, tiny_train_cmd  # noqa: E402
 from lorakit import LorakitError, LoraModel  # noqa: E402
 from lorakit.config import LoraConfig  # noqa: E402
-from lorakit.lora import LoraLinear  # noqa: E402
-from lorakit.model import get_lora_model  # noqa: E402
-from lorakit.quant import (QuantSpec, dequantize_weight, nf4_code, quant_summary, quantize_linear,  # noqa: E402
+from lorakit.core.layers import LoraLinear  # noqa: E402
+from lorakit.core.lora_model import get_lora_model  # noqa: E402
+from lorakit.quant.bnb import (QuantSpec, dequantize_weight, nf4_code, quant_summary, quantize_linear,  # noqa: E402
                            quantize_model, quantized_layers, require_bnb, requantize_error, storage_bytes)
 
 NF4 = QuantSpec("nf4", double_quant=True)
@@ -188,7 +188,7 @@ def test_cli_qlora_train_then_merge_and_requantize(tiny_model_dir, tmp_path, cap
     from transformers import AutoModelForCausalLM
 
     from lorakit.cli import main
-    from lorakit.models import load_model
+    from lorakit.base import load_model
 
     cmd, run = tiny_train_cmd(tiny_model_dir, tmp_path, "--quantize", "nf4", "--optimizer", "adamw8bit",
                               "--train.max_steps", "3", "--train.lr", "1e-2")

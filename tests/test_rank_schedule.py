@@ -12,9 +12,9 @@ from torch import nn
 from conftest import tiny_convnet, tiny_llama
 from lorakit import LorakitError, LoraModel
 from lorakit.config import LoraConfig
-from lorakit.lora import LoraConv2d, LoraEmbedding, LoraLinear
-from lorakit.model import get_lora_model
-from lorakit.rank_schedule import PlateauTracker, grow_adapter_rank, parse_rank_schedule, stage_alpha
+from lorakit.core.layers import LoraConv2d, LoraEmbedding, LoraLinear
+from lorakit.core.lora_model import get_lora_model
+from lorakit.training.rank_schedule import PlateauTracker, grow_adapter_rank, parse_rank_schedule, stage_alpha
 
 
 def _trained_llama(r=2, alpha=16.0, rslora=False, r_final=8):
@@ -140,7 +140,7 @@ def _rows(tmp_path):
 
 
 def test_training_grows_on_schedule_and_resumes_mid_schedule(tiny_model_dir, tmp_path, monkeypatch):
-    from lorakit.train import train
+    from lorakit.training.loop import train
 
     data = _rows(tmp_path)
     full = train(_train_cfg(tiny_model_dir, data, tmp_path / "full"), show_progress=False, echo=lambda s: None)
@@ -150,7 +150,7 @@ def test_training_grows_on_schedule_and_resumes_mid_schedule(tiny_model_dir, tmp
 
     # Stop after step 4 (rank 4, checkpoint), then resume: the same adapter as the uninterrupted run.
     cut = _train_cfg(tiny_model_dir, data, tmp_path / "cut", save_every=4)
-    import lorakit.train as train_mod
+    import lorakit.training.loop as train_mod
 
     real_save = train_mod.save_checkpoint
 
@@ -176,7 +176,7 @@ def test_training_grows_on_schedule_and_resumes_mid_schedule(tiny_model_dir, tmp
 
 def test_schedule_config_errors(tiny_model_dir, tmp_path):
     from lorakit.config import run_config_from_dict
-    from lorakit.train import train
+    from lorakit.training.loop import train
 
     data = _rows(tmp_path)
     with pytest.raises(LorakitError, match="ends at rank 8 but lora.r is 16"):
@@ -202,15 +202,15 @@ def test_cnn_conv_lora_merge_equals_unmerged():
 
 
 def test_plateau_schedule_grows_when_eval_loss_stalls(tiny_model_dir, tmp_path, monkeypatch):
-    import lorakit.train as train_mod
-    from lorakit.train import train
+    import lorakit.training.loop as train_mod
+    from lorakit.training.loop import train
 
     losses = iter([1.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # a flat eval loss: every evaluation is a stall
 
-    def fake_evaluate(lm, tok, prepared, cfg, device, base):
+    def fake_evaluate(lm, tok, prepared, max_len, batch_size, eval_samples, device, base):
         return {"eval_loss": next(losses, 1.0), "eval_ppl": 2.7}, []
 
-    monkeypatch.setattr(train_mod, "_evaluate", fake_evaluate)
+    monkeypatch.setattr(train_mod, "evaluate_adapter", fake_evaluate)
     cfg = _train_cfg(tiny_model_dir, _rows(tmp_path), tmp_path / "run", rank_schedule="plateau:2,4,8", eval_every=1,
                      rank_patience=1, max_steps=5)
     res = train(cfg, show_progress=False, echo=lambda s: None)

@@ -11,8 +11,8 @@ from transformers import LlamaConfig
 from lorakit import LorakitError
 from lorakit.cli import main
 from lorakit.config import DataConfig, load_yaml
-from lorakit.estimate import shape_from_config
-from lorakit.recommend import DataProfile, recommend
+from lorakit.planning.estimate import shape_from_config
+from lorakit.planning.recommend import DataProfile, recommend
 
 SMOL = shape_from_config(LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                                      num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True))
@@ -83,8 +83,8 @@ def test_large_multi_turn_gets_rank_32_rslora(tiny_model_dir, tmp_path, capsys):
 
 
 def test_sampled_lengths_match_the_full_measure(tiny_model_dir, tmp_path):
-    from lorakit.models import load_tokenizer
-    from lorakit.recommend import profile_data
+    from lorakit.base import load_tokenizer
+    from lorakit.planning.recommend import profile_data
 
     # answers of 1..120 words, so the percentiles move with the sample
     rows = [{"instruction": f"item {i}", "output": " ".join(WORDS[:1 + (i * 37) % 120 % len(WORDS)] * (1 + i % 11))}

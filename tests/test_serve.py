@@ -16,9 +16,9 @@ import urllib.request  # noqa: E402
 
 import uvicorn  # noqa: E402
 
-from lorakit.generation import Sampling  # noqa: E402
-from lorakit.infer import load_engine  # noqa: E402
-from lorakit.serve import ServeSettings, create_app  # noqa: E402
+from lorakit.inference.generation import Sampling  # noqa: E402
+from lorakit.inference.engine import load_engine  # noqa: E402
+from lorakit.inference.server import ServeSettings, create_app  # noqa: E402
 
 KEY = "test-key"
 QUESTIONS = ["normalize the date March 5", "who are you", "hello world", "convert the format of May 7",

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import lorakit.shared_input as shared_input
+import lorakit.core.shared_input as shared_input
 from lorakit import LoraConfig, get_lora_model
-from lorakit.inject import lora_layers
+from lorakit.core.inject import lora_layers
 
 from conftest import tiny_llama
 

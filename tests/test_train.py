@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import interrupt_at
 from lorakit import LorakitError, LoraModel
 from lorakit.config import run_config_from_dict
-from lorakit.train import train
+from lorakit.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,9 +88,9 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path, mon
 
 KILLER = r"""
 import os, signal, sys
-import lorakit.checkpoint as ck
+import lorakit.training.checkpoint as ck
 from lorakit.config import load_yaml, run_config_from_dict
-from lorakit.train import train
+from lorakit.training.loop import train
 real = ck.torch.save
 def save_then_die(obj, path, *a, **k):
     real(obj, path, *a, **k)
@@ -128,7 +128,7 @@ def test_existing_out_dir_is_refused_and_left_alone(tiny_model_dir, tmp_path):
 
 
 def test_nan_loss_stops_with_the_step_and_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
-    import lorakit.train as tr
+    import lorakit.training.loop as tr
 
     real, calls = tr.causal_lm_loss_sum, {"n": 0}
 
@@ -206,8 +206,12 @@ def test_eval_samples_zero_skips_generation_scoring(tiny_model_dir, tmp_path):
     from lorakit import LoraConfig, get_lora_model
     from lorakit.data.dataset import Prepared
     from lorakit.data.templates import encode_example
-    from lorakit.models import load_tokenizer
-    from lorakit.train import _evaluate
+    from lorakit.base import load_tokenizer
+    from lorakit.training.evaluate import evaluate_adapter
+
+    def _evaluate(lm, tok, prepared, cfg, device, base):
+        return evaluate_adapter(lm, tok, prepared, cfg.data.max_len, cfg.train.batch_size, cfg.train.eval_samples,
+                                device, base)
 
     tok = load_tokenizer(str(tiny_model_dir))
     chat = [{"role": "user", "content": "hi"}]

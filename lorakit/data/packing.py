@@ -1,7 +1,7 @@
 """Batches from tokenized examples.
 
 - ``pack``: best-fit decreasing of examples into rows of ``max_len`` tokens. position_ids restart
-  at 0 for each example, which is how the packed attention (``lorakit.attention``) keeps
+  at 0 for each example, which is how the packed attention (``lorakit.ops.attention``) keeps
   examples from attending to each other, and labels never cross an example boundary.
 - ``pad``: length-grouped rows of one example each, right-padded, with an attention mask.
 """

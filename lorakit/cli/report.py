@@ -1,0 +1,36 @@
+"""Human-readable summaries printed at the end of a command."""
+
+from __future__ import annotations
+
+from ..config import RunConfig
+
+__all__ = ["print_train_summary"]
+
+
+def _fmt(v: float | None, unit: str = "") -> str:
+    if v is None or v != v:
+        return "-"
+    return f"{v:.1f}{unit}" if unit == "%" else f"{v:.4f}"
+
+
+def print_train_summary(result, cfg: RunConfig) -> None:
+    r = result
+    print()
+    print(f"run folder:   {r.out_dir}")
+    print(f"adapter:      {r.adapter_dir}  (PEFT format)")
+    print(f"steps:        {r.steps}   tokens seen: {r.tokens:,d}   training: {r.train_s:.0f}s   whole run: {r.wall_s:.0f}s")
+    print(f"throughput:   {r.tokens_per_s:.0f} tokens/s   peak memory: {r.peak_memory_mb:.0f} MiB   final train loss: {r.final_loss:.4f}")
+    if r.interrupted:
+        return
+    rows = [("eval loss", "eval_loss", ""), ("perplexity", "eval_ppl", ""), ("exact match", "exact_match", "%")]
+    print()
+    print(f"  {'held-out':<14}{'base':>12}{'with adapter':>16}")
+    for label, key, unit in rows:
+        if key in r.after or key in r.before:
+            print(f"  {label:<14}{_fmt(r.before.get(key), unit):>12}{_fmt(r.after.get(key), unit):>16}")
+    if r.samples:
+        print()
+        for q, base, new in r.samples:
+            print(f"  Q: {q!r}")
+            print(f"     base:    {base!r}")
+            print(f"     adapter: {new!r}")

@@ -1,0 +1,21 @@
+"""Run configuration: plain dataclasses (``model``, ``data``, ``lora``, ``train`` sections) whose
+field docstrings are the ``--help`` text (``sections``), the choice lists every other room reads,
+rank schedules as a value (``rank_schedule``), YAML files and flag strings (``loading``), and the
+Hugging Face / axolotl key names a user's existing config may use (``aliases``).
+
+May import: ``lorakit.errors`` only, and no torch, transformers or other heavy library — a config
+must be readable (and ``--help`` fast) without them."""
+
+from .aliases import translate_aliases
+from .fields import default_of, field_docs, from_dict
+from .loading import coerce_value, dump_yaml, load_yaml, merge_nested, run_config_from_dict
+from .rank_schedule import RankSchedule, parse_rank_schedule, stage_alpha
+from .sections import (BIAS_CHOICES, DEFAULT_MODEL, DTYPE_CHOICES, INIT_CHOICES, OPTIMIZERS, PRECISIONS, QUANT_CHOICES,
+                       QUANT_ROUNDINGS, SCHEDULES, SECTIONS, DataConfig, LoraConfig, ModelConfig, RunConfig,
+                       TrainConfig, one_of, valid_init)
+
+__all__ = ["translate_aliases", "default_of", "field_docs", "from_dict", "coerce_value", "dump_yaml", "load_yaml",
+           "merge_nested", "run_config_from_dict", "RankSchedule", "parse_rank_schedule", "stage_alpha",
+           "BIAS_CHOICES", "DEFAULT_MODEL", "DTYPE_CHOICES", "INIT_CHOICES", "OPTIMIZERS", "PRECISIONS", "QUANT_CHOICES",
+           "QUANT_ROUNDINGS", "SCHEDULES", "SECTIONS", "DataConfig", "LoraConfig", "ModelConfig", "RunConfig",
+           "TrainConfig", "one_of", "valid_init"]

@@ -1,0 +1,301 @@
+"""Typed configs. Field docstrings (the string under each field) are the help text; every
+``__post_init__`` rejects bad values with a message that says what to do."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Union
+
+from ..errors import LorakitError
+from .fields import field_docs
+from .rank_schedule import parse_rank_schedule
+
+__all__ = ["LoraConfig", "ModelConfig", "DataConfig", "TrainConfig", "RunConfig", "SECTIONS", "BIAS_CHOICES", "DEFAULT_MODEL",
+           "QUANT_CHOICES", "QUANT_ROUNDINGS", "OPTIMIZERS", "SCHEDULES", "DTYPE_CHOICES", "PRECISIONS", "INIT_CHOICES",
+           "valid_init", "one_of"]
+
+BIAS_CHOICES = ("none", "all", "lora_only")
+QUANT_CHOICES = ("none", "nf4", "fp4", "int8")
+QUANT_ROUNDINGS = ("nearest", "gptq")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+DEFAULT_MODEL = "smollm2-135m"  # the embedded SmolLM2-135M-Instruct (lorakit.base.source)
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # weights and compute dtypes (torch's names)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # training precision (autocast)
+INIT_CHOICES = ("default", "gaussian", "pissa", "pissa_niter_<N>", "eora")
+
+
+def one_of(choices: tuple[str, ...]) -> str:
+    """'a, b or c'."""
+    return ", ".join(choices[:-1]) + " or " + choices[-1] if len(choices) > 1 else choices[0]
+
+
+def valid_init(init: str) -> bool:
+    return init in INIT_CHOICES[:3] or init == "eora" or re.fullmatch(r"pissa_niter_\d+", init) is not None
+
+
+@dataclass
+class LoraConfig:
+    """Which modules get adapters, and their rank, scaling and init."""
+
+    r: int = 8
+    """Rank of the update B·A (A is r×in, B is out×r)."""
+    alpha: float = 16.0
+    """Scaling numerator: s = alpha/r (or alpha/sqrt(r) with use_rslora)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input during training (0 = off, the fast path)."""
+    target_modules: Union[list[str], str, None] = None
+    """Modules to adapt: names or '.suffix' matches (list), a regex (full match), or 'all-linear'. None: the model's default."""
+    exclude_modules: Union[list[str], str, None] = None
+    """Modules never adapted, in the same forms as target_modules."""
+    layers_to_transform: Union[list[int], int, None] = None
+    """Only adapt these layer indices (the first number in a module's path)."""
+    layers_pattern: Union[list[str], str, None] = None
+    """Name of the layer list whose index layers_to_transform refers to (e.g. 'layers', 'h')."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module ranks: {regex: r}, matched against the end of the module path (PEFT semantics)."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module alphas: {regex: alpha}, like rank_pattern."""
+    modules_to_save: Union[list[str], None] = None
+    """Modules trained in full and saved with the adapter (e.g. ['lm_head'])."""
+    bias: str = "none"
+    """Which base biases train too: none | all | lora_only (biases of adapted modules)."""
+    use_rslora: bool = False
+    """rsLoRA scaling alpha/sqrt(r): keeps updates stable at large ranks."""
+    init: str = "default"
+    """A/B init: default (kaiming A, zero B: no-op at start) | gaussian | pissa | pissa_niter_<N> | eora (4-bit base: start from the rank-r correction of its rounding error on calibration rows)."""
+    fan_in_fan_out: bool = False
+    """Base weights stored (in, out), as GPT-2's Conv1D; set automatically for Conv1D."""
+    task_type: Union[str, None] = None
+    """PEFT task type written to adapter_config.json; None: CAUSAL_LM for language models, else unset."""
+    base_model_name_or_path: Union[str, None] = None
+    """Where the base model came from (written to adapter_config.json)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise LorakitError(f"lora.r must be a positive integer (typical: 8, 16, 32), got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise LorakitError(f"lora.alpha must be a positive number (typical: 2·r), got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LorakitError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.bias not in BIAS_CHOICES:
+            raise LorakitError(f"lora.bias must be one of {', '.join(BIAS_CHOICES)}, got {self.bias!r}")
+        if not valid_init(self.init):
+            raise LorakitError(f"lora.init must be {one_of(INIT_CHOICES)}, got {self.init!r}")
+        for key in ("target_modules", "exclude_modules"):
+            value = getattr(self, key)
+            if isinstance(value, (tuple, set)):
+                setattr(self, key, sorted(value))
+            elif isinstance(value, list) and not value:
+                raise LorakitError(f"lora.{key} is an empty list; leave it unset to use the default")
+            if isinstance(value, str) and value != "all-linear":
+                _check_regex(value, f"lora.{key}")
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        for key, table, kind in (("rank_pattern", self.rank_pattern, int), ("alpha_pattern", self.alpha_pattern, (int, float))):
+            for pattern, value in table.items():
+                _check_regex(pattern, f"lora.{key}[{pattern!r}]")
+                if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
+                    raise LorakitError(f"lora.{key}[{pattern!r}] must be a positive number, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        """Field name -> its docstring (used as CLI help)."""
+        return field_docs(cls)
+
+
+def _check_regex(pattern: str, where: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise LorakitError(f"{where}: {pattern!r} is not a valid regular expression ({err})") from None
+
+
+@dataclass
+class ModelConfig:
+    """The base model."""
+
+    name: str = DEFAULT_MODEL
+    """Base model: a local folder, a .gguf file, a hub id, or the embedded 'smollm2-135m'."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N | mps."""
+    dtype: str = "auto"
+    """Weights dtype: auto (bf16 when training runs in bf16 — see train.precision — and on CUDA GPUs with bf16; float32 otherwise) | float32 | bfloat16 | float16."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub (off unless you trust the repository)."""
+    quantize: str = "none"
+    """Store the frozen linear weights quantized (QLoRA): none | nf4 | fp4 | int8 (needs lorakit[qlora])."""
+    double_quant: bool = True
+    """4-bit only: quantize the block scales too (4.127 instead of 4.5 bits per weight)."""
+    compute_dtype: str = "auto"
+    """4-bit only: dtype the quantized layers compute in: auto (bf16 on CUDA that supports it, else float32) | float32 | bfloat16 | float16."""
+    quant_rounding: str = "nearest"
+    """4-bit only: nearest (each weight to its nearest level, as bitsandbytes does) | gptq (error-compensating rounding calibrated on training rows: same format, closer outputs)."""
+    quant_calibration: int = 128
+    """quant_rounding gptq or lora.init eora: how many training examples calibrate them."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_CHOICES:
+            raise LorakitError(f"model.dtype must be {one_of(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if self.quantize not in QUANT_CHOICES:
+            raise LorakitError(f"model.quantize must be one of {', '.join(QUANT_CHOICES)}, got {self.quantize!r}")
+        if self.compute_dtype not in DTYPE_CHOICES:
+            raise LorakitError(f"model.compute_dtype must be {one_of(DTYPE_CHOICES)}, got {self.compute_dtype!r}")
+        if self.quant_rounding not in QUANT_ROUNDINGS:
+            raise LorakitError(f"model.quant_rounding must be {' or '.join(QUANT_ROUNDINGS)}, got {self.quant_rounding!r}")
+        if self.quant_rounding == "gptq" and self.quantize not in ("nf4", "fp4"):
+            raise LorakitError(f"model.quant_rounding gptq rounds 4-bit weights: it needs model.quantize nf4 or fp4 "
+                               f"(got {self.quantize!r})")
+        if self.quant_calibration < 1:
+            raise LorakitError(f"model.quant_calibration must be at least 1 example, got {self.quant_calibration}")
+
+
+@dataclass
+class DataConfig:
+    """Training data and how it becomes token rows."""
+
+    path: Union[list[str], str, None] = None
+    """Data file(s) or folder(s): .json, .jsonl, .csv, .parquet. None: the built-in demo task."""
+    format: str = "auto"
+    """auto | alpaca | sharegpt | messages | text."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Map our field names to the file's, e.g. {instruction: question, output: answer}."""
+    template: str = "auto"
+    """auto (the tokenizer's chat template, else chatml) | tokenizer | chatml | human-assistant."""
+    max_len: int = 1024
+    """Longest example in tokens (and the packed row length)."""
+    truncation: str = "truncate"
+    """Examples longer than max_len: truncate | drop."""
+    train_on_prompt: bool = False
+    """Train on prompt tokens too (default: assistant turns and their end-of-turn token only)."""
+    packing: bool = True
+    """Pack several examples per row (no attention across them); False: padded, length-grouped batches."""
+    val_size: float = 0.05
+    """Validation split: a fraction (< 1) or a number of examples (>= 1); 0 for none."""
+    eval_path: Union[list[str], str, None] = None
+    """Separate validation file(s); replaces val_size."""
+    cache: bool = True
+    """Cache tokenized data (keyed by data, tokenizer, template and max_len)."""
+
+    def __post_init__(self) -> None:
+        if self.max_len < 8:
+            raise LorakitError(f"data.max_len must be at least 8 tokens, got {self.max_len}")
+        if self.truncation not in ("truncate", "drop"):
+            raise LorakitError(f"data.truncation must be truncate or drop, got {self.truncation!r}")
+        if self.val_size < 0:
+            raise LorakitError(f"data.val_size must be >= 0, got {self.val_size}")
+        if isinstance(self.path, str):
+            self.path = [self.path]
+        if isinstance(self.eval_path, str):
+            self.eval_path = [self.eval_path]
+
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop, evaluation, checkpoints and logging."""
+
+    out_dir: str = "runs/lorakit"
+    """Run folder: adapter/, checkpoints/, metrics.jsonl, loss.png, config.yaml."""
+    lr: float = 2e-4
+    """Peak learning rate (AdamW)."""
+    optimizer: str = "adamw"
+    """adamw | adamw8bit (8-bit states, bitsandbytes) | paged_adamw8bit (CUDA paging; plain 8-bit on CPU)."""
+    lora_plus_ratio: float = 0.0
+    """LoRA+: learning rate of B = ratio × lr (0: off; 16 is the paper's choice)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on A/B (the seeds' L2 regularisation)."""
+    batch_size: int = 4
+    """Rows per micro-batch (packed rows hold several examples)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    epochs: float = 1.0
+    """Passes over the data (ignored when max_steps > 0)."""
+    max_steps: int = 0
+    """Optimizer steps to run (0: from epochs)."""
+    warmup: float = 0.03
+    """Warm-up: a fraction of the steps (< 1) or a number of steps (>= 1)."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after warm-up: constant | linear | cosine."""
+    clip: float = 1.0
+    """Gradient-norm clipping (0: off)."""
+    seed: int = 42
+    """Seed for init, data order and dropout."""
+    grad_checkpointing: bool = False
+    """Recompute activations in backward (less memory, ~30% slower)."""
+    precision: str = "auto"
+    """auto (bf16 autocast on CUDA GPUs with bf16 and on CPUs with native bf16 matmuls, AVX512-BF16/AMX; fp32 on other CPUs and for a 4-bit base on CPU) | fp32 | bf16 | fp16."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: only before and after training)."""
+    eval_samples: int = 64
+    """Held-out examples scored by generation (exact match) where the data has a scorer."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end and on interrupt)."""
+    keep_last: int = 2
+    """Checkpoints kept."""
+    log_every: int = 5
+    """Write metrics (and refresh the loss plot) every N steps."""
+    plot: bool = True
+    """Write loss.png (train and eval loss) into the run folder."""
+    tensorboard: bool = False
+    """Also log to TensorBoard, in out_dir/tensorboard (needs lorakit[tensorboard])."""
+    threads: int = 0
+    """CPU threads for torch (0: the number of physical cores)."""
+    overwrite: bool = False
+    """Reuse an existing out_dir (its old files are replaced)."""
+    resume: Union[str, None] = None
+    """Resume from 'latest' or a checkpoint folder."""
+    rank_schedule: Union[str, list, None] = None
+    """Progressive rank: '2@0,8@200,16@600' (rank@step) or 'plateau:2,8,16' (grow when eval loss stalls); lora.r = the last rank."""
+    fsdp: bool = False
+    """Shard the base's decoder blocks (and their adapters) over the processes with FSDP2; needs torchrun / --nproc."""
+    rank_patience: int = 2
+    """Plateau schedule: evaluations without a 1% eval-loss improvement before the rank grows."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise LorakitError(f"train.lr must be positive, got {self.lr}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise LorakitError("train.batch_size and train.grad_accum must be at least 1")
+        if self.schedule not in SCHEDULES:
+            raise LorakitError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise LorakitError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.precision not in PRECISIONS:
+            raise LorakitError(f"train.precision must be {one_of(PRECISIONS)}, got {self.precision!r}")
+        if self.max_steps < 0 or self.epochs <= 0 and self.max_steps == 0:
+            raise LorakitError("set train.max_steps > 0 or train.epochs > 0")
+        if self.keep_last < 1:
+            raise LorakitError(f"train.keep_last must be at least 1, got {self.keep_last}")
+        if self.rank_schedule is not None:
+            schedule = parse_rank_schedule(self.rank_schedule)
+            if schedule.steps is None and self.eval_every < 1:
+                raise LorakitError("train.rank_schedule plateau:... grows on the eval loss: set train.eval_every too")
+
+
+@dataclass
+class RunConfig:
+    """Everything one `lorakit train` run needs; saved as config.yaml in the run folder."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=16, alpha=32, target_modules="all-linear"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.lora.init == "eora" and self.model.quantize not in ("nf4", "fp4"):
+            raise LorakitError(f"lora.init eora corrects a 4-bit base's rounding error: it needs model.quantize nf4 or "
+                               f"fp4 (got {self.model.quantize!r})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "train": TrainConfig}
+
+

@@ -1,0 +1,328 @@
+"""``lorakit train``: set up (``lorakit.training.setup``: everything is resolved and validated
+before the run folder is written), run the loop, then finish — the final checkpoint and adapter,
+the before/after evaluation and the summary.
+
+The loop reads top to bottom: take the optimizer step's micro-batches, forward and backward each
+(one mean over the step's label tokens, all ranks together), reduce, clip, step, log; then the
+events between steps (a rank growth, an evaluation, a checkpoint). Logging and plotting live in
+``runlog``, the optimizer and lr schedule in ``optim``, checkpoints in ``checkpoint``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..atomic import atomic_dir, disk_size
+from ..base import cache_root, resolve_device
+from ..config import RunConfig, dump_yaml
+from ..core.lora_model import LoraModel
+from ..core.sharded import full_tensor
+from ..data.dataset import Prepared, prepare_data
+from ..data.packing import Batch, batch_plan, collate
+from ..errors import LorakitError
+from ..ops.attention import packed_positions, use_packed_attention
+from ..ops.loss import causal_lm_loss_sum
+from .checkpoint import Progress, rng_state, save_checkpoint
+from .distributed import DistContext, init_distributed
+from .evaluate import eval_loss, evaluate_adapter
+from .model_card import data_summary, describe_adapter
+from .rank_schedule import PlateauTracker, grow_adapter_rank
+from .runlog import NullLog, RunLog, peak_memory_mb
+from .setup import (BaseSetup, Optimization, RunPlan, calibrate_base, check_run, data_line, load_base, load_states,
+                    make_adapter, make_optimization, open_run_folder, restore)
+
+__all__ = ["train", "TrainResult"]
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    adapter_dir: Path
+    steps: int
+    tokens: int
+    wall_s: float  # the whole command: loading, data, evaluation and training
+    train_s: float  # the optimisation loop alone
+    tokens_per_s: float  # non-padding tokens per second of the loop
+    peak_memory_mb: float
+    final_loss: float
+    before: dict[str, float] = field(default_factory=dict)
+    after: dict[str, float] = field(default_factory=dict)
+    interrupted: bool = False
+    samples: list[tuple[str, str, str]] = field(default_factory=list)  # (question, base answer, adapter answer)
+
+
+@dataclass
+class Run:
+    """A run once set up: what the loop and the end read and update."""
+
+    cfg: RunConfig
+    ctx: DistContext
+    plan: RunPlan
+    base: BaseSetup
+    prepared: Prepared
+    lm: LoraModel
+    opt: Optimization
+    progress: Progress
+    plateau: PlateauTracker | None
+    log: Any  # RunLog on rank 0, NullLog elsewhere
+    config_yaml: str
+    echo: Callable[[str], None]
+    before: dict[str, float] = field(default_factory=dict)
+    base_answers: list[str] = field(default_factory=list)
+    stop: Any = None  # the signal that asked the run to stop (or "another rank")
+    last_good: Path | None = None
+    loss: float = float("nan")
+    t_loop: float = 0.0
+    tokens_at_start: int = 0
+
+    def evaluate(self, base: bool = False) -> tuple[dict[str, float], list[str]]:
+        t = self.cfg.train
+        return evaluate_adapter(self.lm, self.base.tokenizer, self.prepared, self.cfg.data.max_len, t.batch_size,
+                                t.eval_samples, self.base.device, base)
+
+    def tokens_per_s(self) -> float:
+        return (self.progress.tokens - self.tokens_at_start) / max(1e-9, time.perf_counter() - self.t_loop)
+
+
+def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None] = print) -> TrainResult:
+    t_begin = time.perf_counter()
+    ctx = init_distributed(resolve_device(cfg.model.device))  # torchrun's process group, or a single process
+    try:
+        run = _setup(cfg, ctx, show_progress and ctx.is_main, echo if ctx.is_main else (lambda s: None))
+        with _stop_on_signals(run):
+            _loop(run)
+        return _finish(run, t_begin)
+    finally:
+        ctx.close()
+
+
+def _setup(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable[[str], None]) -> Run:
+    plan = check_run(cfg, ctx)
+    base = load_base(cfg, plan, echo)
+    prepared = prepare_data(cfg.data, base.tokenizer, cfg.train.seed, cache_root() / "data")
+    calibrate_base(cfg, base, prepared, echo)
+    echo(data_line(cfg, prepared))
+    lm = make_adapter(cfg, base, plan.schedule, echo)
+    config_yaml = dump_yaml(cfg)
+    ctx.check_same(config_yaml, "configs")
+    ctx.broadcast_params([p for p in lm.parameters() if p.requires_grad])
+    if cfg.train.fsdp:
+        echo(f"FSDP2: {ctx.shard_model(base.model)} decoder blocks sharded over {ctx.world} processes")
+    if ctx.enabled:
+        echo(f"distributed: {ctx.world} processes, global batch {ctx.world} × {cfg.train.grad_accum} × "
+             f"{cfg.train.batch_size} rows")
+    schedule = plan.schedule
+    plateau = PlateauTracker(cfg.train.rank_patience) if schedule is not None and schedule.steps is None else None
+    progress, state = restore(plan, lm, ctx.world) if plan.resume_from else (Progress(0, 0, 0, 0.0), None)
+    opt = make_optimization(cfg, lm, prepared, base, ctx.world)  # over the adapter as it is now
+    if state is not None:
+        load_states(state, opt, plateau)
+        echo(f"resuming from {plan.resume_from} at step {progress.step}")
+    log: Any = NullLog()
+    if ctx.is_main:
+        open_run_folder(cfg, plan, base, config_yaml, echo)
+        log = RunLog(plan.out, opt.total_steps, progress.step, show_progress, cfg.train.plot, cfg.train.tensorboard,
+                     resumed=plan.resume_from is not None)
+    run = Run(cfg, ctx, plan, base, prepared, lm, opt, progress, plateau, log, config_yaml, echo,
+              before=dict(log.base_metrics))  # a resumed run reads the base scores from metrics.jsonl
+    if plan.resume_from is None and (ctx.is_main or ctx.fsdp):
+        _evaluate_base(run)
+    ctx.barrier()
+    return run
+
+
+def _evaluate_base(run: Run) -> None:
+    """The base's scores (the adapter switched off), the "before" of the final table."""
+    run.before, run.base_answers = run.evaluate(base=True)
+    run.log.eval(0, run.before, label="base")
+    if run.base.eora and run.prepared.val:
+        corrected = eval_loss(run.lm.model, run.prepared.val, run.cfg.data.max_len, run.cfg.train.batch_size,
+                              run.base.tokenizer.pad_token_id, run.base.device)
+        run.echo(f"EoRA init: eval loss {corrected:.4f} with the adapter as it starts (the 4-bit base alone: "
+                 f"{run.before['eval_loss']:.4f})")
+
+
+@contextlib.contextmanager
+def _stop_on_signals(run: Run) -> Iterator[None]:
+    """Ctrl-C / SIGTERM: finish the current step, checkpoint, exit cleanly."""
+    def on_signal(signum, _frame):
+        run.stop = signum
+
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[sig] = signal.signal(sig, on_signal)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _micro_batches(run: Run) -> Iterator[Batch]:
+    """Every micro-batch of the run in order; a resumed run skips those already consumed."""
+    cfg, t_cfg, per_epoch = run.cfg, run.cfg.train, run.opt.batches_per_epoch
+    epoch, i = divmod(run.progress.micro_batches, per_epoch)
+    while True:
+        plan = batch_plan(run.prepared.train, cfg.data.max_len, t_cfg.batch_size, cfg.data.packing, t_cfg.seed + epoch)
+        for item in plan[i:]:
+            yield collate(item, run.prepared.train, cfg.data.packing, run.base.tokenizer.pad_token_id)
+        epoch, i = epoch + 1, 0
+
+
+def _loop(run: Run) -> None:
+    progress, opt, t_cfg = run.progress, run.opt, run.cfg.train
+    stream = _micro_batches(run)
+    run.log.start_progress()
+    run.lm.train()
+    t_start = time.perf_counter() - progress.elapsed
+    run.tokens_at_start, run.t_loop = progress.tokens, time.perf_counter()
+    while progress.step < opt.total_steps and run.stop is None:
+        group = [next(stream) for _ in range(opt.step_micro)]
+        loss, grad_norm = _optimizer_step(run, group)
+        progress.step += 1
+        progress.elapsed = time.perf_counter() - t_start
+        run.loss = loss
+        run.log.step(progress.step, loss, opt.scheduler.get_last_lr()[0], grad_norm, progress.tokens,
+                     run.tokens_per_s(), write=progress.step % t_cfg.log_every == 0 or progress.step == opt.total_steps)
+        _between_steps(run)
+
+
+def _optimizer_step(run: Run, group: list[Batch]) -> tuple[float, float]:
+    """One optimizer step over ``group`` (this step's micro-batches of every rank): the step's mean
+    loss and the gradient norm before clipping."""
+    ctx, opt, progress, model = run.ctx, run.opt, run.progress, run.base.model
+    n_labels = max(1, sum(b.n_labels for b in group))  # one mean over the whole optimizer step, all ranks
+    step_loss = 0.0
+    mine = ctx.shard(group)
+    with use_packed_attention(model) if run.cfg.data.packing else contextlib.nullcontext():
+        for i, batch in enumerate(mine):
+            ctx.gradient_sync(i == len(mine) - 1)  # FSDP: reduce-scatter once, on the last micro-batch
+            batch = batch.to(run.base.device)
+            with packed_positions(batch.position_ids):  # backward too: checkpointing recomputes attention
+                with opt.autocast:
+                    loss_sum, _ = causal_lm_loss_sum(model, batch.input_ids, batch.labels, batch.position_ids,
+                                                     batch.attention_mask)
+                loss = loss_sum / n_labels
+                scaled = loss * ctx.loss_scale
+                (opt.scaler.scale(scaled) if opt.scaler is not None else scaled).backward()
+            step_loss += loss.item()
+    progress.micro_batches += len(group)
+    progress.tokens += sum(b.n_tokens for b in group)
+    params = [p for g in opt.optimizer.param_groups for p in g["params"]]
+    ctx.reduce_grads(params)  # once per optimizer step: accumulation needs no extra all-reduce
+    step_loss, stopping = ctx.sum_values(step_loss, 1.0 if run.stop is not None else 0.0)
+    if stopping and run.stop is None:
+        run.stop = "another rank"  # every rank leaves the loop at the same step
+    if not math.isfinite(step_loss):
+        where = f"; the last good checkpoint is {run.last_good}" if run.last_good else ""
+        raise LorakitError(f"the training loss became {step_loss} at step {progress.step + 1}{where}. "
+                           "Lower train.lr, keep train.clip on, or check the data")
+    if opt.scaler is not None:
+        opt.scaler.unscale_(opt.optimizer)
+    clip = run.cfg.train.clip
+    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
+    if opt.scaler is not None:
+        opt.scaler.step(opt.optimizer)
+        opt.scaler.update()
+    else:
+        opt.optimizer.step()
+    opt.optimizer.zero_grad(set_to_none=True)
+    opt.scheduler.step()
+    return step_loss, float(grad_norm)
+
+
+def _between_steps(run: Run) -> None:
+    """What happens after a step: a scheduled rank growth, an evaluation (which may grow a stalled
+    rank), a checkpoint."""
+    step, t_cfg, schedule, total = run.progress.step, run.cfg.train, run.plan.schedule, run.opt.total_steps
+    rank = run.lm.configs["default"].r
+    if schedule is not None and schedule.steps is not None and schedule.rank_at(step) > rank:
+        _grow(run, schedule.rank_at(step), "scheduled")
+    if t_cfg.eval_every and step % t_cfg.eval_every == 0 and step < total:
+        nxt = schedule.next_rank(run.lm.configs["default"].r) if run.plateau is not None else None
+        stalled = 0.0
+        if run.ctx.is_main or run.ctx.fsdp:  # a sharded model's forward needs every rank
+            scores = run.evaluate()[0]
+            run.log.eval(step, scores)
+            stalled = float(nxt is not None and run.plateau.update(scores["eval_loss"]))
+        if run.ctx.sum_values(stalled)[0]:  # rank 0's decision, on every rank
+            _grow(run, nxt, f"eval loss stalled for {t_cfg.rank_patience} evaluations")
+    if t_cfg.save_every and step % t_cfg.save_every == 0 and step < total:
+        run.last_good = _write_checkpoint(run)
+
+
+def _grow(run: Run, r: int, why: str) -> None:
+    r0 = run.lm.configs["default"].r
+    layers = grow_adapter_rank(run.lm, "default", r, run.plan.schedule.final, run.cfg.lora.alpha, run.opt.optimizer)
+    run.lm.train()
+    run.log.event(run.progress.step, f"rank {r0} -> {r} in {layers} layers ({why})", rank=r)
+
+
+def _write_checkpoint(run: Run) -> Path | None:
+    ctx, opt = run.ctx, run.opt
+    # A sharded optimizer state lives on every rank; FSDP runs keep the adapter only (no resume).
+    state = {"optimizer": {} if ctx.fsdp else opt.optimizer.state_dict(), "scheduler": opt.scheduler.state_dict(),
+             "rng": rng_state(), "world": ctx.world, "fsdp": ctx.fsdp}
+    states = run.lm.adapter_states() if ctx.fsdp else None  # gathered on every rank
+    if opt.scaler is not None:
+        state["scaler"] = opt.scaler.state_dict()
+    if run.plateau is not None:
+        state["plateau"] = run.plateau.state_dict()
+    # adapter + AdamW's two moments (8-bit states are smaller: this errs on the safe side)
+    need = 3 * sum(p.numel() * p.element_size() for p in run.lm.parameters() if p.requires_grad)
+    path = None
+    if ctx.is_main:  # every rank holds the same adapter and optimizer state
+        path = save_checkpoint(run.plan.out, run.progress, lambda d: run.lm.save_pretrained(d, states=states), state,
+                               run.config_yaml, run.cfg.train.keep_last, need_bytes=need)
+    ctx.barrier()
+    return path
+
+
+def _finish(run: Run, t_begin: float) -> TrainResult:
+    """The final checkpoint; on rank 0 the adapter folder, the final evaluation and its card."""
+    tps, train_s = run.tokens_per_s(), time.perf_counter() - run.t_loop
+    interrupted = run.stop is not None
+    run.last_good = _write_checkpoint(run)
+    out, progress, device = run.plan.out, run.progress, run.base.device
+    adapter_dir = out / "adapter"
+
+    def result(**kw) -> TrainResult:
+        return TrainResult(out, kw.pop("adapter", adapter_dir), progress.step, progress.tokens,
+                           time.perf_counter() - t_begin, train_s, tps, peak_memory_mb(device), run.loss, **kw)
+
+    if not run.ctx.is_main:  # rank 0 writes the adapter and evaluates
+        if run.ctx.fsdp and not interrupted:
+            run.evaluate()  # the sharded forward needs this rank
+        return result(interrupted=interrupted)
+    if interrupted:
+        run.log.close()
+        run.echo(f"interrupted at step {progress.step}/{run.opt.total_steps}; checkpoint {run.last_good}. "
+                 f"Continue with: lorakit train --config {out / 'config.yaml'} --train.resume latest")
+        return result(adapter=run.last_good / "adapter", before=run.before, interrupted=True)
+    with atomic_dir(adapter_dir, need_bytes=disk_size(run.last_good / "adapter")) as tmp:
+        shutil.copytree(run.last_good / "adapter", tmp, dirs_exist_ok=True)
+    run.log.close()  # the bar's time is the loop's, not the evaluation's
+    after, answers = run.evaluate()
+    run.log.eval(progress.step, after)
+    p = run.prepared
+    describe_adapter(adapter_dir, run.cfg, run.lm.configs["default"].base_model_name_or_path or run.cfg.model.name,
+                     run.base.tokenizer, data_summary(run.cfg, len(p.train), len(p.val), p.template), run.before, after,
+                     progress.step, progress.tokens, run.base.precision)
+    samples = []
+    if p.val_chats and answers:
+        base_answers = run.base_answers or [""] * len(answers)
+        for (chat, _), base_a, new_a in list(zip(p.val_chats, base_answers, answers))[:4]:
+            samples.append((chat[-1]["content"], base_a.strip(), new_a.strip()))
+    return result(before=run.before, after=after, samples=samples)

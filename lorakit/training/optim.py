@@ -1,0 +1,49 @@
+"""The optimizer and the learning-rate schedule of a training run."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from ..core.lora_model import LoraModel
+
+__all__ = ["lr_lambda", "build_optimizer"]
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr at optimizer step s: linear warm-up, then constant/linear/cosine to 0."""
+    def f(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (s - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def build_optimizer(lm: LoraModel, lr: float, weight_decay: float, lora_plus_ratio: float,
+                    kind: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' 8-bit AdamW) over the trainable parameters; with LoRA+ the B
+    matrices get ratio × lr."""
+    a_params, b_params, other = [], [], []
+    for name, p in lm.named_parameters():
+        if not p.requires_grad:
+            continue
+        (b_params if ".lora_B." in name else a_params if ".lora_A." in name else other).append(p)
+    ratio = lora_plus_ratio or 1.0
+    groups = [{"params": a_params, "lr": lr}, {"params": b_params, "lr": lr * ratio}, {"params": other, "lr": lr}]
+    groups = [g for g in groups if g["params"]]
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    from ..quant.bnb import require_bnb
+
+    bnb = require_bnb()
+    on_cuda = any(p.is_cuda for g in groups for p in g["params"])
+    # Paging moves optimizer state to host memory under GPU memory pressure; on CPU there is nothing to page.
+    cls = bnb.optim.PagedAdamW8bit if kind == "paged_adamw8bit" and on_cuda else bnb.optim.AdamW8bit
+    return cls(groups, lr=lr, weight_decay=weight_decay)

@@ -1,0 +1,144 @@
+"""What a training run shows and writes: the progress bar, metrics.jsonl, loss.png, TensorBoard.
+Kept outside the loop so the loop stays readable."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..atomic import atomic_file
+
+__all__ = ["RunLog", "peak_memory_mb", "plot_losses"]
+
+
+def peak_memory_mb(device: torch.device | None = None) -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, resident set size on CPU."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+
+
+class RunLog:
+    def __init__(self, out: Path, total_steps: int, start_step: int, show_progress: bool, plot: bool,
+                 tensorboard: bool, resumed: bool) -> None:
+        self.out, self.plot = out, plot
+        self.metrics_path = out / "metrics.jsonl"
+        self.train_points: list[tuple[int, float]] = []
+        self.eval_points: list[tuple[int, float]] = []
+        self.base_metrics: dict[str, float] = {}
+        self._losses: list[float] = []  # train losses since the last written line
+        if resumed and self.metrics_path.exists():
+            kept = []  # drop lines past the checkpoint we resume from: they will be logged again
+            for line in self.metrics_path.read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("step", 0) <= start_step:
+                    kept.append(line)
+                    self._remember(rec)
+            self.metrics_path.write_text("".join(k + "\n" for k in kept))
+        elif self.metrics_path.exists():
+            self.metrics_path.unlink()
+        self.bar = None
+        self._bar_args = (total_steps, start_step) if show_progress else None
+        self.tb = None
+        if tensorboard:  # its package was checked before the run started (train.check_extras)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def start_progress(self) -> None:
+        """Open the progress bar (after the first evaluation, so its rate and ETA are the loop's)."""
+        if self._bar_args is not None and self.bar is None:
+            from tqdm.auto import tqdm
+
+            total, start = self._bar_args
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def _remember(self, rec: dict[str, Any]) -> None:
+        if "loss" in rec:
+            self.train_points.append((rec["step"], rec["loss"]))
+        if "eval_loss" in rec:
+            self.eval_points.append((rec["step"], rec["eval_loss"]))
+        if rec.get("model") == "base":
+            self.base_metrics = {k: v for k, v in rec.items() if k not in ("step", "model")}
+
+    def _write(self, rec: dict[str, Any]) -> None:
+        self._remember(rec)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, rec["step"])
+
+    def step(self, step: int, loss: float, lr: float, grad_norm: float, tokens: int, tokens_per_s: float, write: bool) -> None:
+        if self.bar is not None:  # the postfix first: update() draws the bar with this step's numbers
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+            self.bar.update(step - self.bar.n)
+        self._losses.append(loss)
+        if write:
+            mean = sum(self._losses) / len(self._losses)  # the interval's mean: smoother than one step's loss
+            self._losses = []
+            self._write({"step": step, "loss": mean, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                         "tokens_per_s": round(tokens_per_s, 1)})
+            if self.plot:
+                plot_losses(self.out / "loss.png", self.train_points, self.eval_points)
+
+    def eval(self, step: int, metrics: dict[str, float], label: str = "adapter") -> None:
+        self._write({"step": step, "model": label, **{k: round(v, 6) for k, v in metrics.items()}})
+        text = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        (self.bar.write if self.bar is not None else print)(f"eval @ step {step} ({label}): {text}")
+        if self.plot:
+            plot_losses(self.out / "loss.png", self.train_points, self.eval_points)
+
+    def event(self, step: int, text: str, **fields: Any) -> None:
+        """A one-off event (e.g. a rank growth): printed and written to metrics.jsonl."""
+        self._write({"step": step, "event": text, **fields})
+        (self.bar.write if self.bar is not None else print)(f"step {step}: {text}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_losses(path: Path, train: list[tuple[int, float]], evals: list[tuple[int, float]]) -> None:
+    """Train and eval loss against step, written atomically as a PNG (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    try:
+        with atomic_file(path, suffix=".png") as tmp:  # matplotlib reads the format from the name
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
+
+
+class NullLog:
+    """What ranks other than 0 log in a distributed run: nothing."""
+
+    base_metrics: dict[str, float] = {}
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
