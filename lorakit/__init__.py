@@ -37,6 +37,11 @@ def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if _LAZY[name].startswith("core."):
+        # The core merges into quantized base layers through a registry (lorakit.core.frozen) that
+        # lorakit.quant.bnb fills when imported (it imports bitsandbytes only when used): a model
+        # quantized elsewhere, e.g. by transformers' BitsAndBytesConfig, merges too.
+        importlib.import_module(".quant.bnb", __name__)
     globals()[name] = value  # later lookups skip this function
     return value
 

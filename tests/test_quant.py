@@ -2,7 +2,9 @@
 the dense math, training that changes only the adapter, PEFT round trips on quantized and plain
 bases, and merging into the dequantized base."""
 
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,6 +157,37 @@ def test_merge_goes_into_the_dequantized_base_and_requantizing_loses_the_update(
     assert not list(quantized_layers(merged)) and merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, unmerged, atol=1e-4, rtol=1e-4)
+
+
+def test_a_model_quantized_outside_lorakit_merges_through_the_public_api(tmp_path):
+    # A fresh process that makes a bitsandbytes layer itself (as transformers' BitsAndBytesConfig
+    # would) and never imports lorakit.quant: lorakit.get_lora_model + merge_and_unload still
+    # dequantize it, through the registry the core merges with.
+    code = """
+import sys, torch, bitsandbytes as bnb
+sys.path.insert(0, "tests")
+from conftest import tiny_llama, randomize_adapters
+model = tiny_llama()
+attn = model.model.layers[0].self_attn
+q = bnb.nn.Linear4bit(64, 64, bias=False, quant_type="nf4", compute_dtype=torch.float32, device="meta")
+q.weight = bnb.nn.Params4bit(attn.q_proj.weight.data, requires_grad=False, quant_type="nf4", module=q)
+attn.q_proj = q.to("cpu")
+import lorakit
+assert "lorakit.quant.gptq" not in sys.modules
+lm = lorakit.get_lora_model(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
+randomize_adapters(lm, std=0.05)
+ids = torch.arange(3, 13)[None]
+with torch.no_grad():
+    before = lm.eval()(input_ids=ids).logits
+    merged = lm.merge_and_unload()
+    after = merged(input_ids=ids).logits
+assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+print("merged")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0 and "merged" in proc.stdout, proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("b_std,update_lo,update_hi", [(0.004, 0.9, 1.3), (0.02, 0.3, 0.6)])
