@@ -56,7 +56,7 @@ def test_demo_run_learns_the_task_and_its_adapter_loads_in_peft(tmp_path):
     theirs = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
     with torch.no_grad():
         want = theirs(ids).logits
-    base2, _ = load_model("smollm2-135m", device="cpu")
-    ours = LoraModel.from_pretrained(base2, out / "adapter").eval()
+    base = theirs.unload()  # PEFT's layers out again: the same base, loaded once
+    ours = LoraModel.from_pretrained(base, out / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, want, atol=1e-4, rtol=1e-4)
