@@ -98,8 +98,12 @@ def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None
     ctx = init_distributed(resolve_device(cfg.model.device))  # torchrun's process group, or a single process
     try:
         run = _setup(cfg, ctx, show_progress and ctx.is_main, echo if ctx.is_main else (lambda s: None))
-        with _stop_on_signals(run):
-            _loop(run)
+        try:
+            with _stop_on_signals(run):
+                _loop(run)
+        except BaseException:
+            run.log.close()  # the progress bar ends its line before the error is printed
+            raise
         return _finish(run, t_begin)
     finally:
         ctx.close()
