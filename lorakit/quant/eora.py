@@ -19,7 +19,7 @@ it on the quantized layer until ``LoraLinear`` initialises an adapter from it (`
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .hessian import damped
 
