@@ -60,3 +60,40 @@ def test_demo_run_learns_the_task_and_its_adapter_loads_in_peft(tmp_path):
     ours = LoraModel.from_pretrained(base, out / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, want, atol=1e-4, rtol=1e-4)
+    _exports_answer_in_llama_cpp_as_lorakit(out, ours, tok, tmp_path)
+
+
+def _exports_answer_in_llama_cpp_as_lorakit(run, lm, tok, tmp_path):
+    """The demo adapter as a llama.cpp LoRA GGUF over the embedded Q4_1 base, and merged into one
+    f16 GGUF, in a real llama.cpp: the same greedy answers as lorakit on the held-out prompts."""
+    from llama_cpp_runtime import available, run_llama_cpp
+
+    if not available() and not os.environ.get("CI"):
+        pytest.skip("node-llama-cpp not installed (scripts/setup test installs it)")
+    from lorakit.base.source import resolve_source
+    from lorakit.data.demo import demo_examples
+    from lorakit.data.templates import generation_prompt
+    from lorakit.export import export
+    from lorakit.training.evaluate import generate_answers
+
+    lora = export(run, "gguf-lora", tmp_path / "demo-lora.gguf").path
+    merged = export(run, "gguf", tmp_path / "demo-f16.gguf", dtype="f16").path
+    chats = [ex["messages"][:-1] for ex in demo_examples(n_val=16)[1]]
+    ours = [a.strip() for a in generate_answers(lm.model, tok, chats, "tokenizer", max_new_tokens=24)]
+    prompts = [tok(generation_prompt(c, "tokenizer", tok), add_special_tokens=False)["input_ids"] for c in chats]
+    src = resolve_source("smollm2-135m")
+    for label, model, adapter in (("Q4_1 base + LoRA GGUF", os.path.join(src.path, src.gguf_file), lora),
+                                  ("merged f16 GGUF", merged, None)):
+        got = run_llama_cpp(model, prompts, 24, lora=adapter)["answers"]
+        theirs = [tok.decode(a, skip_special_tokens=True).strip() for a in got]
+        misses = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
+        print(f"{label}: {len(ours) - len(misses)}/{len(ours)} answers equal to lorakit's")
+        for i in misses:  # only where lorakit's own choice was a near-tie (llama.cpp's q8 activations differ)
+            mine = tok(ours[i], add_special_tokens=False)["input_ids"]
+            k = next(j for j in range(min(len(mine), len(got[i]))) if mine[j] != got[i][j])
+            with torch.no_grad():
+                logits = lm.model(torch.tensor([prompts[i] + mine[:k]])).logits[0, -1]
+            margin = float(logits[mine[k]] - logits[got[i][k]])
+            print(f"  differs on {chats[i][-1]['content']!r}: {ours[i]!r} vs {theirs[i]!r}, logit margin {margin:.3f}")
+            assert margin < 0.5, (ours[i], theirs[i], margin)
+        assert len(misses) <= (1 if adapter else 0), misses  # 15/16 and 16/16 measured

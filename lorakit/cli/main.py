@@ -20,11 +20,12 @@ __all__ = ["main"]
 def _all_commands() -> dict:
     """name -> (help, add_arguments(parser), run(args) -> exit code), one module per command group."""
     from .data import DATA_COMMAND
+    from .export import EXPORT_COMMAND
     from .infer import INFER_COMMANDS
     from .plan import PLAN_COMMANDS
     from .train import TRAIN_COMMANDS
 
-    return {**TRAIN_COMMANDS, **INFER_COMMANDS, **DATA_COMMAND, **PLAN_COMMANDS}
+    return {**TRAIN_COMMANDS, **INFER_COMMANDS, **EXPORT_COMMAND, **DATA_COMMAND, **PLAN_COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:

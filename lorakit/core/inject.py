@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover
 __all__ = [
     "DEFAULT_TARGETS", "ModulesToSave", "Target", "plan_targets", "inject_adapter", "lora_layers",
     "set_active_adapters", "disable_adapters", "delete_adapter", "mixed_batch", "trainable_report",
-    "adapter_modules", "validate_adapter_name", "expand_pattern_aliases", "last_modules",
+    "adapter_modules", "validate_adapter_name", "expand_pattern_aliases", "last_modules", "pattern_value",
 ]
 
 # Default target modules by `config.model_type`, when the user names none (attention + MLP).
@@ -180,7 +180,7 @@ def expand_pattern_aliases(model: nn.Module, table: dict) -> dict:
     return out
 
 
-def _pattern_value(table: dict, name: str, default):
+def pattern_value(table: dict, name: str, default):
     # PEFT semantics: the first key that matches the end of the module path wins.
     for key, value in table.items():
         if re.match(rf"(.*\.)?({key})$", name):
@@ -240,8 +240,8 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str) -> lis
                                "LoRA supports groups=1 only. Exclude it with exclude_modules.")
         if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
             raise LorakitError(f"adapter {adapter_name!r} already exists on {name!r}; delete it first or pick another name")
-        r = _pattern_value(config.rank_pattern, name, config.r)
-        alpha = _pattern_value(config.alpha_pattern, name, config.alpha)
+        r = pattern_value(config.rank_pattern, name, config.r)
+        alpha = pattern_value(config.alpha_pattern, name, config.alpha)
         plan.append(Target(name, module, r, alpha))
     if not plan:
         raise LorakitError(
