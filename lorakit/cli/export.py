@@ -4,7 +4,6 @@ and ``--check`` for files and folders made elsewhere."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..errors import LorakitError
 
@@ -45,7 +44,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     result = export(args.source, args.to, args.out, model=args.model, dtype=args.outtype, rank=args.rank, merge=args.merge)
     print(f"wrote {result.path}")
     for line in result.lines:
-        print(("  " if not line.startswith("note:") else "") + line, file=sys.stdout)
+        print(("  " if not line.startswith("note:") else "") + line)
     return 0
 
 

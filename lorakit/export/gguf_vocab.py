@@ -95,7 +95,7 @@ def _add_from_tokenizer(w: gguf.GGUFWriter, folder: Path, tokenizer: Any, n_voca
     for kind in ("bos", "eos", "unk", "pad"):
         tid = getattr(tokenizer, f"{kind}_token_id", None)
         if tid is not None:
-            getattr(w, f"add_{kind}_token_id" if kind != "unk" else "add_unk_token_id")(tid)
+            getattr(w, f"add_{kind}_token_id")(tid)
     w.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
     w.add_add_eos_token(bool(probe) and probe[-1] == tokenizer.eos_token_id and len(probe) > 1)
     if tokenizer.chat_template:
