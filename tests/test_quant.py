@@ -190,6 +190,30 @@ print("merged")
     assert proc.returncode == 0 and "merged" in proc.stdout, proc.stderr[-3000:]
 
 
+def test_a_layer_repacked_by_bitsandbytes_for_its_bf16_cpu_kernel_still_dequantizes():
+    """bitsandbytes repacks a 4-bit weight it runs in eval mode on an AVX512-BF16 CPU (a layer
+    built outside lorakit); read naively, the repacked bytes give weights off by ~5 (measured)."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 64)
+    q = bnb.nn.Linear4bit(64, 64, bias=False, quant_type="nf4", compute_dtype=torch.float32, device="meta")
+    q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", module=q)
+    q = q.to("cpu")
+    before = dequantize_weight(q).clone()
+    state = q.weight.quant_state
+    try:
+        q.weight.data, q.weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(q.weight.data, state)
+    except Exception as err:  # the repack needs the CPU kernel it is made for
+        pytest.skip(f"bitsandbytes cannot repack on this CPU ({err})")
+    assert q.weight.quant_state.packing_format_for_cpu
+    after = dequantize_weight(q)
+    assert (after - before).abs().max() < 0.05  # bitsandbytes' repack rounds the scales to bf16
+    assert (after - w).norm() / w.norm() < 0.15  # and it is still the 4-bit rounding of w
+    lm = LoraLinear(q)  # a wrapped base never repacks again
+    assert q.support_avx512bf16_for_cpu is False and lm.base_layer is q
+
+
 @pytest.mark.parametrize("b_std,update_lo,update_hi", [(0.004, 0.9, 1.3), (0.02, 0.3, 0.6)])
 def test_requantize_error_measures_how_much_of_the_update_survives(b_std, update_lo, update_hi):
     layer = LoraLinear(_linear(256, 256))

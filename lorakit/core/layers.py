@@ -259,6 +259,11 @@ class LoraLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
+        if getattr(base_layer, "support_avx512bf16_for_cpu", False):
+            # bitsandbytes repacks a 4-bit weight for a bf16 CPU kernel (on CPUs with AVX512-BF16) the
+            # first time it runs in eval mode, for good and lossily; that kernel has no backward and
+            # the repacked weight no longer dequantizes exactly. A wrapped base keeps its layout.
+            base_layer.support_avx512bf16_for_cpu = False
         w = base_layer.weight
         if fan_in_fan_out:
             self.out_features, self.in_features = w.shape[1], w.shape[0]

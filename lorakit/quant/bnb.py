@@ -204,6 +204,12 @@ def dequantize_weight(module: nn.Module) -> Tensor:
     bnb = require_bnb()
     weight = module.weight
     if isinstance(module, bnb.nn.Linear4bit):
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            # A layer built outside lorakit that ran in eval mode on a CPU with AVX512-BF16 has its
+            # weight repacked for bitsandbytes' bf16 kernel; back to the standard layout first (as
+            # bitsandbytes' own state_dict does), or the values read here would be scrambled.
+            unpack = getattr(bnb.functional, "_convert_weight_packed_for_cpu_inverse")
+            weight.data, weight.quant_state = unpack(weight.data, weight.quant_state)
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
     scb = getattr(weight, "SCB", None)
     if scb is None:
