@@ -13,7 +13,7 @@ from ..errors import LorakitError, read_text
 __all__ = ["INFER_COMMANDS"]
 
 
-def _model_args(p: argparse.ArgumentParser, adapters: str = "many") -> None:
+def _model_args(p: argparse.ArgumentParser, adapters: str = "many", int8: bool = True) -> None:
     p.add_argument("--model", default=None, help="base model: folder, .gguf file, hub id or 'smollm2-135m' (default: the "
                    "first adapter's base_model_name_or_path, else smollm2-135m)")
     if adapters == "many":
@@ -27,6 +27,10 @@ def _model_args(p: argparse.ArgumentParser, adapters: str = "many") -> None:
     p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                    help="4-bit: quantize the block scales too (default: on)")
     p.add_argument("--compute-dtype", default="auto", help="4-bit compute dtype: auto | float32 | bfloat16 | float16")
+    if int8:
+        p.add_argument("--int8", action="store_true",
+                       help="CPU: int8 weights and int8 dynamic activations in every linear layer (one adapter is "
+                            "merged first; several run in float beside the int8 base); see docs/export.md")
 
 
 def _gptq_base(adapter: str) -> tuple[bool, "Path | None"]:
@@ -108,8 +112,12 @@ def _base_model(args: argparse.Namespace) -> str:
 def _engine(args: argparse.Namespace):
     from ..inference.engine import load_engine
 
-    return load_engine(_base_model(args), args.adapter, args.device, args.dtype, getattr(args, "template", "auto"),
-                       **_quant_kwargs(args))
+    engine = load_engine(_base_model(args), args.adapter, args.device, args.dtype, getattr(args, "template", "auto"),
+                         int8=args.int8, **_quant_kwargs(args))
+    if args.int8:
+        how = f"adapter {engine.merged} merged, " if engine.merged else ""
+        print(f"int8: {how}linear layers in int8 with dynamic int8 activations", file=sys.stderr)
+    return engine
 
 
 def _only_adapter(engine) -> str | None:
@@ -250,7 +258,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 # ---- merge ---------------------------------------------------------------------------------
 
 def _add_merge(p: argparse.ArgumentParser) -> None:
-    _model_args(p, adapters="one")
+    _model_args(p, adapters="one", int8=False)
     p.add_argument("--out", required=True, help="new folder for the merged model")
     p.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the saved weights (default: the model's; float32 after a quantized run)")

@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_TARGETS", "ModulesToSave", "Target", "plan_targets", "inject_adapter", "lora_layers",
     "set_active_adapters", "disable_adapters", "delete_adapter", "mixed_batch", "trainable_report",
     "adapter_modules", "validate_adapter_name", "expand_pattern_aliases", "last_modules", "pattern_value",
+    "register_layer_type",
 ]
 
 # Default target modules by `config.model_type`, when the user names none (attention + MLP).
@@ -58,6 +59,13 @@ _FACTORIES: list[tuple[tuple[type, ...], Callable[[nn.Module], LoraLayer]]] = [
     ((nn.Embedding,), LoraEmbedding),
     ((nn.Conv2d,), LoraConv2d),
 ]
+
+
+def register_layer_type(types: tuple[type, ...], factory: Callable[[nn.Module], LoraLayer]) -> None:
+    """Let LoRA wrap layers of ``types`` (another room's frozen layer, e.g. an int8 linear) with
+    ``factory``; checked before the built-in types."""
+    if not any(t == types for t, _ in _FACTORIES):
+        _FACTORIES.insert(0, (types, factory))
 
 
 def layer_factory(module: nn.Module) -> Callable[[nn.Module], LoraLayer] | None:
