@@ -161,3 +161,59 @@ def test_adapter_management(server):
     assert _http(server, "DELETE", "/v1/adapters/gamma").status_code == 200
     assert _post(server, "/v1/chat/completions", {"model": "gamma", "messages": [{"role": "user", "content": "hi"}]}).status_code == 404
     assert _get(server, "/health").json()["adapters"] == ["alpha", "beta"]
+
+
+@pytest.fixture
+def slow_engine(server):
+    """The served engine at ~30 ms per decoding step, and every batch's outputs recorded."""
+    engine, outputs = server["engine"], []
+    hook = engine.model.register_forward_pre_hook(lambda *_: time.sleep(0.03))
+    run = engine.run
+    engine.run = lambda requests: outputs.extend(run(requests)) or outputs[-len(requests):]
+    yield outputs
+    hook.remove()
+    del engine.run  # the method again
+
+
+def _long_question(server) -> str:
+    """A question some adapter answers with all 64 tokens when nobody stops it."""
+    for q in QUESTIONS:
+        out = server["reference"].chat([{"role": "user", "content": q}], "alpha", Sampling(max_new_tokens=64))
+        if out.finish_reason == "length":
+            return q
+    pytest.fail("no question runs to 64 tokens")
+
+
+def _wait_for(outputs, n=1, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while len(outputs) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(outputs) >= n, "the generation did not end"
+    return outputs[n - 1]
+
+
+def test_a_client_that_disconnects_mid_stream_stops_its_generation(server, slow_engine):
+    q = _long_question(server)
+    stream = server["client"].chat.completions.create(model="alpha", messages=[{"role": "user", "content": q}],
+                                                      max_tokens=64, temperature=0, stream=True)
+    read = 0
+    for _ in stream:
+        read += 1
+        if read == 4:
+            break
+    stream.close()  # the client goes away with ~60 tokens still to come
+    out = _wait_for(slow_engine)
+    assert out.finish_reason == "cancelled" and out.completion_tokens <= read + 5, (out.finish_reason, out.completion_tokens)
+    assert _ask(server["client"], "alpha", QUESTIONS[0]).choices[0].message.content == _expected(server, QUESTIONS[0], "alpha")
+
+
+def test_a_client_that_disconnects_before_a_whole_answer_stops_its_generation(server, slow_engine):
+    q = _long_question(server)
+    body = json.dumps({"model": "alpha", "messages": [{"role": "user", "content": q}], "max_tokens": 64}).encode()
+    port = int(server["url"].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(0.4)  # ~10 of the 64 steps
+    out = _wait_for(slow_engine)
+    assert out.finish_reason == "cancelled" and out.completion_tokens < 32, (out.finish_reason, out.completion_tokens)

@@ -8,6 +8,7 @@ The base runs once per step for the whole batch; each adapter runs on its own ro
 
 from __future__ import annotations
 
+import threading
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -35,13 +36,14 @@ class Request:
     adapter: str | None = None  # None: the base model
     sampling: Sampling = field(default_factory=Sampling)
     on_text: Callable[[str], None] | None = None  # streamed text pieces, in order
+    cancel: threading.Event | None = None  # set when nobody waits for the answer any more (client gone)
 
 
 @dataclass
 class Output:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop string) | "length"
+    finish_reason: str  # "stop" (EOS or a stop string) | "length" | "cancelled" (its client went away)
     prompt_tokens: int
 
     @property
@@ -145,6 +147,11 @@ def generate_batch(model: nn.Module, tokenizer: Any, requests: list[Request], lo
     with routing:
         step_ids, step_pos = ids, positions
         for _ in range(limit):
+            for b, r in enumerate(requests):  # a row whose client is gone stops here, before the next forward
+                if reasons[b] is None and r.cancel is not None and r.cancel.is_set():
+                    reasons[b] = "cancelled"
+            if all(x is not None for x in reasons):
+                break
             logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, **cache,
                            use_cache=True, logits_to_keep=1).logits[:, -1, :].float().cpu()  # (B, V)
             nxt = torch.full((B,), pad, dtype=torch.long)

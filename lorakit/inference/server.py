@@ -14,6 +14,7 @@ engine, the settings and the scheduler) kept on ``app.state``.
 
 import asyncio
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -31,6 +32,8 @@ from .settings import ServeSettings
 
 __all__ = ["ServeSettings", "Scheduler", "Server", "create_app", "router"]
 
+DISCONNECT_POLL_S = 0.1  # how often a non-streamed request checks that its client is still there
+
 
 class Server:
     """What the routes share: the engine, the settings and the worker that runs the model."""
@@ -41,10 +44,11 @@ class Server:
         self.context_len = getattr(engine.model.config, "max_position_embeddings", None) or 1 << 30
 
     def model_ids(self) -> list[str]:
-        return [self.engine.base_name] + self.engine.adapters
+        base = [] if self.engine.merged is not None else [self.engine.base_name]  # merged away by --int8
+        return base + self.engine.adapters
 
     def adapter_for(self, model: str) -> Optional[str]:
-        if model == self.engine.base_name:
+        if model == self.engine.base_name and self.engine.merged is None:
             return None
         if model in self.engine.adapters:
             return model
@@ -85,22 +89,43 @@ class Server:
         except LorakitError as err:  # e.g. its adapter was deleted while the request waited
             raise ApiError(404, str(err), code="model_not_found") from None
 
+    async def _whole(self, request: Request, http: HttpRequest) -> Output:
+        """The answer, unless the client disconnects first: then its row stops generating."""
+        task = asyncio.ensure_future(self.generate(request))
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and await http.is_disconnected():
+                request.cancel.set()
+        return task.result()
+
     async def admin(self, task: Callable[[], Any]) -> Any:
         return await self._on_worker(None, task)
 
-    async def answer(self, request: Request, reply: Reply, stream: bool):
-        """The whole reply, or a server-sent-event stream of its chunks."""
+    async def answer(self, request: Request, reply: Reply, stream: bool, http: HttpRequest):
+        """The whole reply, or a server-sent-event stream of its chunks. Either way, a client that
+        goes away stops its generation within a token or so (its batch slot frees up)."""
+        request.cancel = threading.Event()
         if not stream:
-            return reply.whole(await self.generate(request))
+            return reply.whole(await self._whole(request, http))
         pieces: asyncio.Queue = asyncio.Queue()
         if reply.chat:
             pieces.put_nowait(None)  # the first chunk announces the role
         task = asyncio.ensure_future(self.generate(request, pieces.put_nowait))
-        return StreamingResponse(_events(pieces, task, reply), media_type="text/event-stream")
+        return StreamingResponse(_events(pieces, task, reply, request.cancel), media_type="text/event-stream")
 
 
-async def _events(pieces: asyncio.Queue, task: asyncio.Task, reply: Reply):
-    """Chunks as they are generated, then the closing chunk (or the error) and [DONE]."""
+async def _events(pieces: asyncio.Queue, task: asyncio.Task, reply: Reply, cancel: threading.Event):
+    """Chunks as they are generated, then the closing chunk (or the error) and [DONE]. When the
+    client disconnects, the response closes this generator: the finally stops the generation."""
+    try:
+        async for event in _chunks(pieces, task, reply):
+            yield event
+    finally:
+        if not task.done():
+            cancel.set()
+
+
+async def _chunks(pieces: asyncio.Queue, task: asyncio.Task, reply: Reply):
     while True:
         getter = asyncio.ensure_future(pieces.get())
         finished, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
@@ -134,9 +159,10 @@ async def health(http: HttpRequest):
 @router.get("/v1/models")
 async def models(http: HttpRequest):
     engine, created = _server(http).engine, int(time.time())
-    data = [{"id": engine.base_name, "object": "model", "created": created, "owned_by": "lorakit"}]
-    data += [{"id": a, "object": "model", "created": created, "owned_by": "lorakit", "parent": engine.base_name}
-             for a in engine.adapters]
+    data = [{"id": m, "object": "model", "created": created, "owned_by": "lorakit"} for m in _server(http).model_ids()]
+    for d in data:
+        if d["id"] in engine.adapters and engine.merged is None:
+            d["parent"] = engine.base_name
     return {"object": "list", "data": data}
 
 
@@ -156,7 +182,7 @@ async def chat(body: ChatBody, http: HttpRequest):
     s = _server(http)
     adapter = s.adapter_for(body.model)
     ids = s.engine.prompt_ids(_chat_messages(body))
-    return await s.answer(Request(ids, adapter, s.sampling_of(body, len(ids))), Reply(body.model, chat=True), body.stream)
+    return await s.answer(Request(ids, adapter, s.sampling_of(body, len(ids))), Reply(body.model, chat=True), body.stream, http)
 
 
 @router.post("/v1/completions")
@@ -166,7 +192,7 @@ async def completions(body: CompletionBody, http: HttpRequest):
     ids = s.engine.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ApiError(400, "the prompt is empty", param="prompt")
-    return await s.answer(Request(ids, adapter, s.sampling_of(body, len(ids))), Reply(body.model, chat=False), body.stream)
+    return await s.answer(Request(ids, adapter, s.sampling_of(body, len(ids))), Reply(body.model, chat=False), body.stream, http)
 
 
 @router.post("/v1/adapters")
@@ -207,17 +233,32 @@ async def _invalid(_req, err: RequestValidationError):
     return JSONResponse(ApiError(400, msg, param=where or None).body(), status_code=400)
 
 
-async def _guard(request: HttpRequest, call_next):
-    """Refuse oversized bodies and, with an API key set, requests to /v1/ without it."""
-    settings = request.app.state.server.settings
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-        return JSONResponse(ApiError(413, f"request body over {settings.max_body_bytes} bytes").body(), status_code=413)
-    if settings.api_key and request.url.path.startswith("/v1/"):
-        if request.headers.get("authorization") != f"Bearer {settings.api_key}":
-            return JSONResponse(ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                                         "authentication_error", code="invalid_api_key").body(), status_code=401)
-    return await call_next(request)
+class _Guard:
+    """Refuse oversized bodies and, with an API key set, requests to /v1/ without it. A plain ASGI
+    middleware: Starlette's BaseHTTPMiddleware would hide a client's disconnect from the routes."""
+
+    def __init__(self, app, server: Server) -> None:
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope) -> Optional[JSONResponse]:
+        settings = self.server.settings
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+            return JSONResponse(ApiError(413, f"request body over {settings.max_body_bytes} bytes").body(), status_code=413)
+        if settings.api_key and scope.get("path", "").startswith("/v1/"):
+            if headers.get("authorization") != f"Bearer {settings.api_key}":
+                return JSONResponse(ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                             "authentication_error", code="invalid_api_key").body(), status_code=401)
+        return None
 
 
 def create_app(engine: Engine, settings: Optional[ServeSettings] = None) -> FastAPI:
@@ -229,6 +270,6 @@ def create_app(engine: Engine, settings: Optional[ServeSettings] = None) -> Fast
     app.state.scheduler = app.state.server.scheduler
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid)
-    app.middleware("http")(_guard)
+    app.add_middleware(_Guard, server=app.state.server)
     app.include_router(router)
     return app
