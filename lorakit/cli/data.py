@@ -40,46 +40,24 @@ def _clean(args: argparse.Namespace) -> int:
 
 # ---- inspect -------------------------------------------------------------------------------
 
-def _percentile(values: list[int], q: float) -> int:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
-
-
 def _inspect(args: argparse.Namespace) -> int:
-    from ..data.formats import detect_format, load_examples, read_records, data_files
-    from ..data.templates import encode_example, resolve_template
+    from ..data.inspect import inspect_data, percentile
+    from ..data.templates import resolve_template
     from ..base import load_tokenizer
 
-    files = data_files([args.file])
-    first_where, first = next(iter(read_records(files[0])), (None, None))
-    if first is None:
-        raise LorakitError(f"{args.file}: no records")
-    fmt = args.format if args.format != "auto" else detect_format(first, first_where)
-    examples = load_examples(files, fmt)
     tok = load_tokenizer(args.model)
     template = resolve_template(args.template, tok)
-    encoded = [encode_example(ex, template, tok, where=w) for w, ex in examples]
-    lengths = [len(e.input_ids) for e in encoded]
-    print(f"file: {args.file}\nformat: {fmt} (fields: {', '.join(sorted(first))})\nrecords: {len(examples)}\n"
+    report = inspect_data(args.file, tok, template, args.format)
+    lengths = report.lengths
+    print(f"file: {args.file}\nformat: {report.format} (fields: {', '.join(report.fields)})\nrecords: {len(lengths)}\n"
           f"template: {template}   tokenizer: {args.model}")
     mark = (lambda s: f"\x1b[1;32m{s}\x1b[0m") if os.isatty(1) else (lambda s: f"[[{s}]]")
-    for (where, _), enc in list(zip(examples, encoded))[: args.examples]:
-        print(f"\n--- {where} ({len(enc.input_ids)} tokens, {enc.n_labels} trained: shown {mark('like this')}) ---")
-        out, run, trained = [], [], None
-        for t, lab in zip(enc.input_ids, enc.labels):
-            is_t = lab != -100
-            if trained is not None and is_t != trained:
-                text = tok.decode(run)
-                out.append(mark(text) if trained else text)
-                run = []
-            run.append(t)
-            trained = is_t
-        if run:
-            text = tok.decode(run)
-            out.append(mark(text) if trained else text)
-        print("".join(out))
-    print("\ntokens per example: " + "  ".join(f"p{q}={_percentile(lengths, q)}" for q in (50, 90, 95, 99)) + f"  max={max(lengths)}")
-    over = sum(1 for n in lengths if n > args.max_len)
+    for i in range(min(args.examples, len(lengths))):
+        enc = report.encoded[i]
+        print(f"\n--- {report.wheres[i]} ({len(enc.input_ids)} tokens, {enc.n_labels} trained: shown {mark('like this')}) ---")
+        print("".join(mark(text) if trained else text for text, trained in report.segments(i, tok)))
+    print("\ntokens per example: " + "  ".join(f"p{q}={percentile(lengths, q)}" for q in (50, 90, 95, 99)) + f"  max={max(lengths)}")
+    over = report.over(args.max_len)
     print(f"longer than max_len={args.max_len}: {over} of {len(lengths)} ({100 * over / len(lengths):.1f}%)")
     if args.histogram:
         import matplotlib
