@@ -24,8 +24,9 @@ def _all_commands() -> dict:
     from .infer import INFER_COMMANDS
     from .plan import PLAN_COMMANDS
     from .train import TRAIN_COMMANDS
+    from .ui import UI_COMMAND
 
-    return {**TRAIN_COMMANDS, **INFER_COMMANDS, **EXPORT_COMMAND, **DATA_COMMAND, **PLAN_COMMANDS}
+    return {**TRAIN_COMMANDS, **INFER_COMMANDS, **EXPORT_COMMAND, **DATA_COMMAND, **PLAN_COMMANDS, **UI_COMMAND}
 
 
 def build_parser() -> argparse.ArgumentParser:
