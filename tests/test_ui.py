@@ -103,8 +103,8 @@ def test_data_to_run_to_stop_resume_and_side_by_side_chat(ui, page):
     _fill(page, "lk-f-train-max-steps", "400")
     _fill(page, "lk-f-data-max-len", "64")
     _fill(page, "lk-f-lora-r", "4")
-    command = _until(page, "lk-command", lambda s: "--train.max_steps 400" in s)
-    assert "--lora.r 4" in command and "--data.path" in command
+    want = ("--train.max_steps 400", "--lora.r 4", "--data.max_len 64", "--data.path")
+    _until(page, "lk-command", lambda s: all(w in s for w in want))  # each field's change event has run
     page.click("#lk-start")
     _until(page, "lk-said", lambda s: "started" in s)
     first = _until(page, "lk-status", lambda s: "running" in s and "step" in s and _points(page) >= 2, 120)
