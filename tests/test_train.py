@@ -42,6 +42,7 @@ def test_tiny_run_writes_a_peft_adapter_logs_and_plot(tiny_model_dir, tmp_path, 
     res = train(_cfg(tiny_model_dir, _data(tmp_path), tmp_path / "run"), show_progress=False, echo=lambda s: None)
     out = tmp_path / "run"
     assert res.steps == 6 and not res.interrupted and res.tokens > 0 and res.tokens_per_s > 0
+    assert res.peak_flops > 1e8 and 0 < res.mfu < 1  # a tiny model is far from any matmul peak
     assert res.after["eval_loss"] < res.before["eval_loss"]
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "config.yaml", "metrics.jsonl", "loss.png"):
         assert (out / name).is_file(), name
@@ -223,3 +224,16 @@ def test_eval_samples_zero_skips_generation_scoring(tiny_model_dir, tmp_path):
     assert "exact_match" not in scores and answers == [] and scores["eval_loss"] > 0
     cfg = _cfg(tiny_model_dir, _data(tmp_path), tmp_path / "run", eval_samples=1)
     assert "exact_match" in _evaluate(lm, tok, prepared, cfg, torch.device("cpu"), base=False)[0]
+
+
+def test_mfu_counts_the_frozen_matmuls_four_times_and_the_adapter_six():
+    from conftest import tiny_llama
+    from lorakit import LoraConfig, get_lora_model
+    from lorakit.training.mfu import mfu, train_flops_per_token
+
+    lm = get_lora_model(tiny_llama(), LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    # per layer: q 64x64, k 32x64, v 32x64, o 64x64, gate/up 128x64, down 64x128; the head (96x64) excluded
+    frozen = 2 * (64 * 64 + 32 * 64 + 32 * 64 + 64 * 64 + 3 * 128 * 64)
+    trainable = 2 * (4 * 64 + 64 * 4 + 4 * 64 + 32 * 4)
+    assert train_flops_per_token(lm.model) == 4 * frozen + 6 * trainable
+    assert mfu(1000.0, 2e6, 4e9) == 0.5 and mfu(1.0, 1.0, 0.0) == 0.0

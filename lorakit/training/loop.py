@@ -37,6 +37,7 @@ from .evaluate import eval_loss, evaluate_adapter
 from .model_card import data_summary, describe_adapter
 from .rank_schedule import PlateauTracker, grow_adapter_rank
 from .runlog import NullLog, RunLog, peak_memory_mb
+from .mfu import matmul_peak_flops, mfu, train_flops_per_token
 from .setup import (BaseSetup, Optimization, RunPlan, calibrate_base, check_run, data_line, load_base, load_states,
                     make_adapter, make_optimization, open_run_folder, restore)
 
@@ -58,6 +59,8 @@ class TrainResult:
     after: dict[str, float] = field(default_factory=dict)
     interrupted: bool = False
     samples: list[tuple[str, str, str]] = field(default_factory=list)  # (question, base answer, adapter answer)
+    mfu: float = 0.0  # model FLOPs utilisation of the loop (lorakit.training.mfu)
+    peak_flops: float = 0.0  # the matmul peak it is measured against (FLOP/s, this run's precision)
 
 
 @dataclass
@@ -83,6 +86,8 @@ class Run:
     loss: float = float("nan")
     t_loop: float = 0.0
     tokens_at_start: int = 0
+    flops_per_token: float = 0.0
+    peak_flops: float = 0.0
 
     def evaluate(self, base: bool = False) -> tuple[dict[str, float], list[str]]:
         t = self.cfg.train
@@ -125,6 +130,9 @@ def _setup(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
         echo(f"distributed: {ctx.world} processes, global batch {ctx.world} × {cfg.train.grad_accum} × "
              f"{cfg.train.batch_size} rows")
     schedule = plan.schedule
+    # measured before the model runs, while nothing else holds the cores (bf16 when autocast is bf16)
+    peak = matmul_peak_flops(torch.bfloat16 if base.precision == "bf16" else
+                             torch.float16 if base.precision == "fp16" else torch.float32, base.device)
     plateau = PlateauTracker(cfg.train.rank_patience) if schedule is not None and schedule.steps is None else None
     progress, state = restore(plan, lm, ctx.world) if plan.resume_from else (Progress(0, 0, 0, 0.0), None)
     opt = make_optimization(cfg, lm, prepared, base, ctx.world)  # over the adapter as it is now
@@ -137,7 +145,8 @@ def _setup(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
         log = RunLog(plan.out, opt.total_steps, progress.step, show_progress, cfg.train.plot, cfg.train.tensorboard,
                      resumed=plan.resume_from is not None)
     run = Run(cfg, ctx, plan, base, prepared, lm, opt, progress, plateau, log, config_yaml, echo,
-              before=dict(log.base_metrics))  # a resumed run reads the base scores from metrics.jsonl
+              before=dict(log.base_metrics),  # a resumed run reads the base scores from metrics.jsonl
+              flops_per_token=train_flops_per_token(base.model), peak_flops=peak)
     if plan.resume_from is None and (ctx.is_main or ctx.fsdp):
         _evaluate_base(run)
     ctx.barrier()
@@ -304,7 +313,8 @@ def _finish(run: Run, t_begin: float) -> TrainResult:
 
     def result(**kw) -> TrainResult:
         return TrainResult(out, kw.pop("adapter", adapter_dir), progress.step, progress.tokens,
-                           time.perf_counter() - t_begin, train_s, tps, peak_memory_mb(device), run.loss, **kw)
+                           time.perf_counter() - t_begin, train_s, tps, peak_memory_mb(device), run.loss, **kw,
+                           mfu=mfu(tps, run.flops_per_token, run.peak_flops), peak_flops=run.peak_flops)
 
     if not run.ctx.is_main:  # rank 0 writes the adapter and evaluates
         if run.ctx.fsdp and not interrupted:
