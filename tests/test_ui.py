@@ -131,7 +131,13 @@ def test_data_to_run_to_stop_resume_and_side_by_side_chat(ui, page):
     _fill(page, "lk-question", "add 3 and 3")
     page.click("#lk-ask")
     page.wait_for_selector("#lk-answers td[data-column='tiny']", timeout=60_000)
-    time.sleep(1.0)
+    seen, deadline = None, time.monotonic() + 60
+    while time.monotonic() < deadline:  # the answers have stopped streaming
+        now = page.locator("#lk-answers").inner_text()
+        if now == seen:
+            break
+        seen = now
+        time.sleep(0.5)
     base = page.locator("#lk-answers td[data-column='base']").inner_text()
     tuned = page.locator("#lk-answers td[data-column='tiny']").inner_text()
     assert tuned and tuned != base, (base, tuned)
