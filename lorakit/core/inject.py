@@ -31,7 +31,7 @@ __all__ = [
     "DEFAULT_TARGETS", "ModulesToSave", "Target", "plan_targets", "inject_adapter", "lora_layers",
     "set_active_adapters", "disable_adapters", "delete_adapter", "mixed_batch", "trainable_report",
     "adapter_modules", "validate_adapter_name", "expand_pattern_aliases", "last_modules", "pattern_value",
-    "register_layer_type",
+    "register_layer_type", "conv1d_types", "linear_types",
 ]
 
 # Default target modules by `config.model_type`, when the user names none (attention + MLP).
@@ -48,14 +48,19 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 }
 
 
-def _conv1d_types() -> tuple[type, ...]:
+def conv1d_types() -> tuple[type, ...]:  # GPT-2's Conv1D: a linear layer storing its weight (in, out)
     return (Conv1D,) if Conv1D is not None else ()
+
+
+def linear_types() -> tuple[type, ...]:
+    """The layer types that compute x·Wᵀ + b: nn.Linear and GPT-2's Conv1D."""
+    return (nn.Linear, *conv1d_types())
 
 
 # Module type -> LoRA wrapper; first match wins (order matters for subclasses).
 _FACTORIES: list[tuple[tuple[type, ...], Callable[[nn.Module], LoraLayer]]] = [
     ((nn.Linear,), LoraLinear),
-    (_conv1d_types(), lambda m: LoraLinear(m, fan_in_fan_out=True)),
+    (conv1d_types(), lambda m: LoraLinear(m, fan_in_fan_out=True)),
     ((nn.Embedding,), LoraEmbedding),
     ((nn.Conv2d,), LoraConv2d),
 ]
@@ -228,7 +233,7 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str) -> lis
             continue
         base = module.base_layer if isinstance(module, LoraLayer) else module
         if targets == "all-linear":
-            hit = base is not head and isinstance(base, (nn.Linear, *_conv1d_types()))
+            hit = base is not head and isinstance(base, linear_types())
         else:
             hit = matches_any(targets, name)
         if not hit:

@@ -78,15 +78,14 @@ class Engine:
         """Int8 weights and dynamic int8 activations for every linear layer (CPU only). With one
         adapter, it is merged first, so it costs nothing per token; with several, each stays float
         beside the int8 base and requests still pick theirs. Returns the number of int8 layers."""
-        from ..quant.bnb import dequantize_model, has_quantized_layers
+        from ..core.frozen import to_float_layers
         from ..quant.int8 import quantize_int8
 
         device = next(self.model.parameters()).device
         if device.type != "cpu":
             raise LorakitError(f"--int8 runs on the CPU (the model is on {device}); on a GPU use --dtype bfloat16 "
                                "or --quantize nf4|int8")
-        if has_quantized_layers(self.model):
-            dequantize_model(self.model)  # the 4-bit base the adapter was trained over, in float32
+        to_float_layers(self.model)  # a 4-bit base: the float weights the adapter was trained over
         self.model.float()
         if len(self.adapters) == 1:
             name = self.adapters[0]

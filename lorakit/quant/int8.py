@@ -4,7 +4,7 @@ by ``torch._int_mm`` and rescaled to float.
 
 This is what the seeds did with ``torch.ao.quantization.quantize_dynamic`` (deprecated since
 torch 2.10). torchao's replacement (``Int8DynamicActivationInt8WeightConfig``) computes the same
-thing but, measured here on a 2-core AVX2 CPU, runs slower than the float layers at batch 1; this
+thing but, measured on a 2-core EPYC, runs slower than the float layers at batch 1; this
 module calls the int8 matmul directly. See docs/export.md ("int8") for speed and accuracy.
 
 For inference only: nothing here has a backward, and the layers are frozen.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..core.inject import register_layer_type, replace_module
+from ..core.inject import conv1d_types, linear_types, register_layer_type, replace_module
 from ..core.layers import LoraLayer, LoraLinear
 
 __all__ = ["Int8Linear", "quantize_int8", "int8_layers", "int8_bytes"]
@@ -42,7 +42,7 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, layer: nn.Module) -> "Int8Linear":
         """From ``nn.Linear`` (weight (out, in)) or GPT-2's ``Conv1D`` (weight (in, out))."""
-        weight = layer.weight.t() if type(layer).__name__ == "Conv1D" else layer.weight
+        weight = layer.weight.t() if isinstance(layer, conv1d_types()) else layer.weight
         return cls(weight, layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -57,19 +57,11 @@ class Int8Linear(nn.Module):
             y.add_(self.bias)
         return y.view(*shape[:-1], self.out_features)
 
-    def dequantized(self) -> Tensor:
-        """The float32 (out, in) weight this layer computes with."""
-        return self.weight.float() * self.weight_scale.t()
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 register_layer_type((Int8Linear,), LoraLinear)  # an adapter loaded later wraps an int8 base like a Linear
-
-
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
 def quantize_int8(model: nn.Module, head: bool = True) -> int:
@@ -84,7 +76,7 @@ def quantize_int8(model: nn.Module, head: bool = True) -> int:
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             continue  # its base_layer is visited on its own
-        if _is_linear(module) and id(module) not in skip:
+        if isinstance(module, linear_types()) and id(module) not in skip:
             if module.weight.device.type != "cpu":
                 raise ValueError(f"int8 layers run on the CPU; {name} is on {module.weight.device}")
             names.append(name)

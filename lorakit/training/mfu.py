@@ -14,6 +14,8 @@ import time
 import torch
 from torch import nn
 
+from ..core.inject import linear_types
+
 __all__ = ["matmul_peak_flops", "train_flops_per_token", "mfu"]
 
 
@@ -42,8 +44,7 @@ def train_flops_per_token(model: nn.Module) -> float:
     frozen = 0
     for m in model.modules():
         w = getattr(m, "weight", None)
-        if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and w is not None and not w.requires_grad \
-                and w is not head_weight:
+        if isinstance(m, linear_types()) and w is not None and not w.requires_grad and w is not head_weight:
             frozen += w.numel()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return 4.0 * frozen + 6.0 * trainable

@@ -65,7 +65,7 @@ def train_tab(gr, ctx: UiContext) -> None:
         log = gr.Textbox(label="output", lines=6, max_lines=12, elem_id="lk-log")
         planned = partial(h.plan_, ctx)
         for widget in [name, *inputs]:
-            widget.change(lambda n, *v: (lambda c, y, e: (c, y, e))(*planned(n, keys, v)), [name, *inputs], [command, yaml, error])
+            widget.change(lambda n, *v: planned(n, keys, v), [name, *inputs], [command, yaml, error])
         recommend.click(partial(_recommend, ctx, keys), [inputs[keys.index("model.name")], inputs[keys.index("data.path")]],
                         [*inputs, why])
         start.click(lambda n, *v: h.start(ctx, n, keys, v), [name, *inputs], said)
