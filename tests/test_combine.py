@@ -69,6 +69,88 @@ def test_linear_matches_peft(ids, tmp_path):
         torch.testing.assert_close(m(ids).logits, theirs.eval()(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def _peft_pair(make, targets, tmp_path):
+    """Adapters a (s=2) and b (s=1, fewer targets) of one rank, in lorakit and the same ones loaded in PEFT."""
+    m = get_lora_model(make(), LoraConfig(r=4, alpha=8, target_modules=list(targets)), "a")
+    m.add_adapter("b", LoraConfig(r=4, alpha=4, target_modules=list(targets[1:])))
+    m.set_adapter(["a", "b"])
+    randomize_adapters(m)
+    m.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(make(), tmp_path / "a", adapter_name="a")
+    theirs.load_adapter(tmp_path / "b", adapter_name="b")
+    return m, theirs
+
+
+@pytest.fixture
+def seeded_peft_dare(monkeypatch):
+    """PEFT draws DARE's masks from torch's global generator (after initialising the new adapter, which
+    also draws from it); make it draw from a generator seeded like lorakit's, so results can be compared."""
+    from peft.utils import merge_utils
+
+    def seeded(seed):
+        g = torch.Generator().manual_seed(seed)
+
+        def random_pruning(tensor, density, rescale):
+            kept = tensor * torch.bernoulli(torch.full_like(tensor, density), generator=g)
+            return kept / density if rescale else kept
+        monkeypatch.setattr(merge_utils, "random_pruning", random_pruning)
+    return seeded
+
+
+@pytest.mark.parametrize("make, targets", [(tiny_llama, ("embed_tokens", "q_proj", "v_proj", "down_proj")),
+                                           (tiny_gpt2, ("wte", "c_attn", "c_fc"))], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("method, sign", [("ties", "total"), ("ties", "frequency"), ("dare_linear", "total"),
+                                          ("dare_ties", "frequency"), ("magnitude_prune", "total"),
+                                          ("ties_svd", "total"), ("dare_linear_svd", "total"),
+                                          ("dare_ties_svd", "total"), ("magnitude_prune_svd", "total"),
+                                          ("linear", "total")])
+def test_ties_and_dare_equal_peft(make, targets, method, sign, ids, tmp_path, seeded_peft_dare):
+    m, theirs = _peft_pair(make, targets, tmp_path)
+    density = None if method == "linear" else 0.4
+    rank = 6 if method.endswith("svd") else None
+    kw = dict(density=density, majority_sign_method=sign)
+    m.add_weighted_adapter(["a", "b"], [0.7, -0.4], "ab", method, rank, seed=5, **kw)
+    seeded_peft_dare(5)
+    theirs.add_weighted_adapter(["a", "b"], [0.7, -0.4], "ab", combination_type=method, svd_rank=rank,
+                                svd_full_matrices=False, **kw)
+    m.set_adapter("ab")
+    theirs.set_adapter("ab")
+    with torch.no_grad():
+        mine, want = m(ids).logits, theirs.eval()(ids).logits
+        base = theirs.get_base_model()
+        with theirs.disable_adapter():
+            plain = base(ids).logits
+    assert (want - plain).abs().max() > 1e-2  # the merged adapter does change the output
+    torch.testing.assert_close(mine, want, atol=1e-5, rtol=1e-5)
+    if method not in ("linear",) and not method.endswith("svd"):
+        # density 0.4: an entry of the merged A is zero where every adapter's entry was pruned (0.6 alone, 0.36 for two)
+        zeros = [(layer.lora_A["ab"] == 0).float().mean().item() for _, layer in _layers(m) if "ab" in layer.lora_A]
+        assert sum(zeros) / len(zeros) > 0.2, zeros
+
+
+def test_dare_depends_on_the_seed_only(tmp_path):
+    m = _peft_pair(tiny_llama, ("q_proj", "v_proj"), tmp_path)[0]
+    for name, seed in (("s1", 1), ("s1again", 1), ("s2", 2)):
+        torch.randn(100)  # global generator use in between must not matter
+        m.add_weighted_adapter(["a", "b"], [0.5, 0.5], name, "dare_linear", density=0.5, seed=seed)
+    layer = m.model.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(layer.lora_A["s1"], layer.lora_A["s1again"], atol=0, rtol=0)
+    assert not torch.equal(layer.lora_A["s1"], layer.lora_A["s2"])
+
+
+def test_ties_keeps_the_majority_sign_by_hand():
+    from lorakit.core.task_merge import merge_tensors
+
+    a = torch.tensor([3.0, -1.0, 0.5, -2.0])
+    b = torch.tensor([-1.0, -2.0, 0.1, 4.0])
+    # density 0.5 keeps a's 3, -2 and b's -2, 4; elected signs (total): +, -, +(0 >= 0), +
+    got = merge_tensors("ties", [a, b], [1.0, 0.5], density=0.5)
+    torch.testing.assert_close(got, torch.tensor([3.0, -1.0, 0.0, 2.0]))
+    # frequency: index 0 has one + vote only (b's -1 was pruned), index 3 one each -> +
+    got = merge_tensors("ties", [a, b], [1.0, 0.5], density=0.5, sign_method="frequency")
+    torch.testing.assert_close(got, torch.tensor([3.0, -1.0, 0.0, 2.0]))
+
+
 def test_combined_adapter_saves_and_loads_in_peft(tmp_path, ids):
     m = _two_adapters()
     m.add_weighted_adapter(["a", "b"], [0.7, 0.3], "ab", combination_type="cat")
@@ -93,7 +175,16 @@ def test_combined_adapter_saves_and_loads_in_peft(tmp_path, ids):
     (dict(adapters=["a", "zz"], weights=[1, 1], adapter_name="n"), "unknown adapters"),
     (dict(adapters=["a", "b"], weights=[1], adapter_name="n"), "one weight per adapter"),
     (dict(adapters=["a", "b"], weights=[1, 1], adapter_name="a"), "already exists"),
-    (dict(adapters=["a", "b"], weights=[1, 1], adapter_name="n", combination_type="ties"), "cat, svd, linear"),
+    (dict(adapters=["a", "b"], weights=[1, 1], adapter_name="n", combination_type="mean"), "cat, svd, linear, ties"),
+    (dict(adapters=["a", "b"], weights=[1, 1], adapter_name="n", combination_type="ties"), "needs a density"),
+    (dict(adapters=["a", "b"], weights=[1, 1], adapter_name="n", combination_type="cat", density=0.5), "density applies"),
+    (dict(adapters=["a", "b"], weights=[1, 1], adapter_name="n", combination_type="ties_svd", rank=4, density=1.5),
+     r"in \(0, 1\]"),
+    (dict(adapters=["a", "b"], weights=[1, 1], adapter_name="n", combination_type="dare_ties_svd", density=0.5),
+     "needs a target rank"),
+    (dict(adapters=["a", "b"], weights=[1, 1], adapter_name="n", combination_type="ties", density=0.5), "one rank"),
+    (dict(adapters=["a", "b"], weights=[1, 1], adapter_name="n", combination_type="ties_svd", rank=4, density=0.5,
+          majority_sign_method="vote"), "total, frequency"),
     (dict(adapters=["a", "b"], weights=[1, 1], adapter_name="n", combination_type="svd"), "needs a target rank"),
     (dict(adapters=["a", "b"], weights=[1, 1], adapter_name="n", combination_type="linear"), "one rank"),
 ])

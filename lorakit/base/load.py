@@ -24,7 +24,12 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 def _tokenizer_from(folder: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LorakitError(f"{folder}: no tokenizer could be loaded ({first}); a model folder needs its tokenizer "
+                           "files (tokenizer.json, or tokenizer.model with tokenizer_config.json)") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

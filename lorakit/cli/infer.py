@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..config import DEFAULT_MODEL, QUANT_CHOICES
+from ..config import COMBINE_METHODS, DEFAULT_MODEL, QUANT_CHOICES, SIGN_METHODS
 from ..errors import LorakitError, read_text
 
 __all__ = ["INFER_COMMANDS"]
@@ -312,8 +312,16 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _add_combine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", action="append", required=True, metavar="NAME=PATH:WEIGHT",
                    help="an adapter and its weight, e.g. a=runs/a/adapter:0.7 (repeatable)")
-    p.add_argument("--method", default="cat", choices=["cat", "svd", "linear"])
-    p.add_argument("--rank", type=int, default=None, help="target rank (svd)")
+    p.add_argument("--method", default="cat", choices=COMBINE_METHODS,
+                   help="cat (exact, ranks add up), svd (exact sum truncated to --rank), linear (PEFT's factor "
+                        "average), ties | dare_linear | dare_ties | magnitude_prune (need --density; on the "
+                        "factors, as PEFT) and their _svd forms (on the full updates, need --rank)")
+    p.add_argument("--rank", type=int, default=None, help="target rank (svd and the *_svd methods)")
+    p.add_argument("--density", type=float, default=None,
+                   help="fraction of entries kept by ties/dare/magnitude_prune, in (0, 1]")
+    p.add_argument("--majority-sign", default="total", choices=SIGN_METHODS,
+                   help="TIES sign election: by summed values (total) or by counting signs (frequency)")
+    p.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks (same seed, same result)")
     p.add_argument("--out", required=True, help="new folder for the combined adapter")
     p.add_argument("--model", default=None, help="base model (default: the first adapter's base_model_name_or_path)")
     p.add_argument("--device", default="cpu")
@@ -348,7 +356,8 @@ def _cmd_combine(args: argparse.Namespace) -> int:
     lm = LoraModel(base)
     for name, path, _ in specs:
         lm.load_adapter(path, name, activate=False)
-    lm.add_weighted_adapter([n for n, _, _ in specs], [w for _, _, w in specs], "combined", args.method, args.rank)
+    lm.add_weighted_adapter([n for n, _, _ in specs], [w for _, _, w in specs], "combined", args.method, args.rank,
+                            args.density, args.majority_sign, args.seed)
     lm.configs["combined"].base_model_name_or_path = base_name
     from ..core.peft_format import save_adapter
 
@@ -395,5 +404,5 @@ INFER_COMMANDS = {
     "generate": ("Answer a prompt (or a JSONL file of prompts) with the base model or an adapter.", _add_generate, _cmd_generate),
     "chat": ("Chat in the terminal (streams tokens; /adapter switches adapters); one-shot from a pipe.", _add_chat, _cmd_chat),
     "merge": ("Merge an adapter into its base and write a plain transformers model folder.", _add_merge, _cmd_merge),
-    "combine": ("Combine weighted adapters (cat | svd | linear) into a new adapter.", _add_combine, _cmd_combine),
+    "combine": ("Combine weighted adapters (cat | svd | linear | ties | dare_* | magnitude_prune) into a new adapter.", _add_combine, _cmd_combine),
 }

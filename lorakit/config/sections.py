@@ -12,7 +12,7 @@ from .fields import field_docs
 from .rank_schedule import parse_rank_schedule
 
 __all__ = ["LoraConfig", "ModelConfig", "DataConfig", "TrainConfig", "RunConfig", "SECTIONS", "BIAS_CHOICES", "DEFAULT_MODEL",
-           "QUANT_CHOICES", "QUANT_ROUNDINGS", "OPTIMIZERS", "SCHEDULES", "DTYPE_CHOICES", "PRECISIONS", "INIT_CHOICES",
+           "QUANT_CHOICES", "QUANT_ROUNDINGS", "TASK_MERGES", "COMBINE_METHODS", "SIGN_METHODS", "OPTIMIZERS", "SCHEDULES", "DTYPE_CHOICES", "PRECISIONS", "INIT_CHOICES",
            "valid_init", "one_of"]
 
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -23,6 +23,10 @@ DEFAULT_MODEL = "smollm2-135m"  # the embedded SmolLM2-135M-Instruct (lorakit.ba
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # weights and compute dtypes (torch's names)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # training precision (autocast)
 INIT_CHOICES = ("default", "gaussian", "pissa", "pissa_niter_<N>", "eora")
+# Adapter combination (lorakit.core.combine): tensor-merge rules, and every method built from them.
+TASK_MERGES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+COMBINE_METHODS = ("cat", "svd", *TASK_MERGES, *(f"{m}_svd" for m in TASK_MERGES[1:]))
+SIGN_METHODS = ("total", "frequency")  # TIES's sign election
 
 
 def one_of(choices: tuple[str, ...]) -> str:

@@ -159,9 +159,12 @@ class LoraModel(nn.Module):
 
     # ---- combining and merging -----------------------------------------------------------
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-                             combination_type: str = "cat", rank: int | None = None) -> LoraConfig:
-        """New adapter = weighted combination (cat: exact Σwᵢ·ΔWᵢ; svd: exact then truncated; linear: approx)."""
-        config = combine_adapters(self.model, self.configs, adapters, weights, adapter_name, combination_type, rank)
+                             combination_type: str = "cat", rank: int | None = None, density: float | None = None,
+                             majority_sign_method: str = "total", seed: int = 0) -> LoraConfig:
+        """New adapter = weighted combination (cat: exact Σwᵢ·ΔWᵢ; svd: exact then truncated; linear: approx;
+        ties/dare_linear/dare_ties/magnitude_prune with ``density``, and their _svd forms: PEFT's rules)."""
+        config = combine_adapters(self.model, self.configs, adapters, weights, adapter_name, combination_type, rank,
+                                  density, majority_sign_method, seed)
         self.configs[adapter_name] = config
         self._refresh()
         return config
