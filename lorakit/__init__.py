@@ -26,8 +26,8 @@ _LAZY = {
     "DEFAULT_TARGETS": "core.inject",
     "LoraLayer": "core.layers",
     "LoraLinear": "core.layers",
-    "LoraEmbedding": "core.layers",
-    "LoraConv2d": "core.layers",
+    "LoraEmbedding": "core.embedding_conv",
+    "LoraConv2d": "core.embedding_conv",
 }
 
 __all__ = ["__version__", "LorakitError", *_LAZY]

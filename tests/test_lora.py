@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.core.layers import LoraConv2d, LoraEmbedding, LoraLinear, lora_scaling
+from lorakit.core.embedding_conv import LoraConv2d, LoraEmbedding
+from lorakit.core.layers import LoraLinear, lora_scaling
 
 
 def _randomize_B(layer, name="default"):

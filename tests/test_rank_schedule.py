@@ -12,7 +12,8 @@ from torch import nn
 from conftest import tiny_convnet, tiny_llama
 from lorakit import LorakitError, LoraModel
 from lorakit.config import LoraConfig
-from lorakit.core.layers import LoraConv2d, LoraEmbedding, LoraLinear
+from lorakit.core.embedding_conv import LoraConv2d, LoraEmbedding
+from lorakit.core.layers import LoraLinear
 from lorakit.core.lora_model import get_lora_model
 from lorakit.training.rank_schedule import PlateauTracker, grow_adapter_rank, parse_rank_schedule, stage_alpha
 

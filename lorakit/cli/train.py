@@ -67,7 +67,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     config, state = read_adapter(args.adapter)
     params = sum(t.numel() for t in state.values())
     print(f"adapter: {args.adapter}")
-    print(f"rank r={config.r}  alpha={config.alpha:g}  rslora={config.use_rslora}  dropout={config.dropout:g}")
+    print(f"rank r={config.r}  alpha={config.alpha:g}  rslora={config.use_rslora}  dora={config.use_dora}  dropout={config.dropout:g}")
     targets = config.target_modules
     if isinstance(targets, list) and len(targets) > 8:
         targets = f"{targets[:8]} ... ({len(targets)} in all)"

@@ -12,13 +12,14 @@ from .fields import field_docs
 from .rank_schedule import parse_rank_schedule
 
 __all__ = ["LoraConfig", "ModelConfig", "DataConfig", "TrainConfig", "RunConfig", "SECTIONS", "BIAS_CHOICES", "DEFAULT_MODEL",
-           "QUANT_CHOICES", "QUANT_ROUNDINGS", "TASK_MERGES", "COMBINE_METHODS", "SIGN_METHODS", "OPTIMIZERS", "SCHEDULES", "DTYPE_CHOICES", "PRECISIONS", "INIT_CHOICES",
+           "QUANT_CHOICES", "QUANT_ROUNDINGS", "METHODS", "TASK_MERGES", "COMBINE_METHODS", "SIGN_METHODS", "OPTIMIZERS", "SCHEDULES", "DTYPE_CHOICES", "PRECISIONS", "INIT_CHOICES",
            "valid_init", "one_of"]
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 QUANT_CHOICES = ("none", "nf4", "fp4", "int8")
 QUANT_ROUNDINGS = ("nearest", "gptq")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+METHODS = ("lora", "dora")  # train.method
 DEFAULT_MODEL = "smollm2-135m"  # the embedded SmolLM2-135M-Instruct (lorakit.base.source)
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # weights and compute dtypes (torch's names)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # training precision (autocast)
@@ -66,6 +67,8 @@ class LoraConfig:
     """Which base biases train too: none | all | lora_only (biases of adapted modules)."""
     use_rslora: bool = False
     """rsLoRA scaling alpha/sqrt(r): keeps updates stable at large ranks."""
+    use_dora: bool = False
+    """DoRA: a trained per-output magnitude times the normalised W + s·B·A (Linear/Conv1D targets; PEFT's use_dora)."""
     init: str = "default"
     """A/B init: default (kaiming A, zero B: no-op at start) | gaussian | pissa | pissa_niter_<N> | eora (4-bit base: start from the rank-r correction of its rounding error on calibration rows)."""
     fan_in_fan_out: bool = False
@@ -206,6 +209,8 @@ class TrainConfig:
 
     out_dir: str = "runs/lorakit"
     """Run folder: adapter/, checkpoints/, metrics.jsonl, loss.png, config.yaml."""
+    method: str = "lora"
+    """What trains: lora (A and B) | dora (DoRA: A, B and a per-output magnitude; same as lora.use_dora true)."""
     lr: float = 2e-4
     """Peak learning rate (AdamW)."""
     optimizer: str = "adamw"
@@ -268,6 +273,8 @@ class TrainConfig:
             raise LorakitError("train.batch_size and train.grad_accum must be at least 1")
         if self.schedule not in SCHEDULES:
             raise LorakitError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.method not in METHODS:
+            raise LorakitError(f"train.method must be {one_of(METHODS)}, got {self.method!r}")
         if self.optimizer not in OPTIMIZERS:
             raise LorakitError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.precision not in PRECISIONS:
@@ -292,6 +299,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        if self.train.method == "dora":
+            self.lora.use_dora = True
         if self.lora.init == "eora" and self.model.quantize not in ("nf4", "fp4"):
             raise LorakitError(f"lora.init eora corrects a 4-bit base's rounding error: it needs model.quantize nf4 or "
                                f"fp4 (got {self.model.quantize!r})")

@@ -27,7 +27,8 @@ from .peft_format import pattern_config
 from ..config import COMBINE_METHODS, SIGN_METHODS, TASK_MERGES, LoraConfig
 from ..errors import LorakitError
 from .inject import ModulesToSave, adapter_modules, validate_adapter_name
-from .layers import LoraEmbedding, LoraLayer, LoraLinear
+from .embedding_conv import LoraEmbedding
+from .layers import LoraLayer, LoraLinear
 from .task_merge import merge_tensors
 
 __all__ = ["combine_adapters", "COMBINE_METHODS"]
@@ -92,6 +93,10 @@ def _check_layers(model: nn.Module, layers: list[tuple[str, LoraLayer]], adapter
                 other = "'svd'" if method == "linear" else f"'svd' or '{method}_svd'"
                 raise LorakitError(f"method {method!r} needs the adapters to have one rank on each layer; {path} has "
                                    f"ranks {sorted(ranks)}. Use 'cat' (exact) or {other} instead.")
+    dora = sorted({a for _, layer in layers for a in adapters if a in layer.lora_magnitude})
+    if dora:
+        raise LorakitError(f"DoRA adapters {dora} cannot be combined: their magnitude vectors do not add up like "
+                           "low-rank updates. Merge one into the base (lorakit merge) or combine plain LoRA adapters")
     if any(isinstance(m, ModulesToSave) and any(a in m.modules_to_save for a in adapters) for _, m in adapter_modules(model)):
         raise LorakitError("adapters with modules_to_save cannot be combined (full weights have no low-rank form)")
 

@@ -1,30 +1,13 @@
-"""Base layers whose weight the adapter math cannot write into — quantized layers. Whoever makes
-such layers (``lorakit.quant.bnb``, when it is imported) registers how to tell one and how to turn
-it into a float ``nn.Linear``; merging uses that, so the core never imports quantization code."""
+"""Turning the registered quantized layers of a model (``lorakit.core.float_view``) into float ones."""
 
 from __future__ import annotations
 
-from typing import Callable
-
 from torch import nn
 
+from .float_view import float_view, register_float_view
 from .inject import replace_module
 
 __all__ = ["register_float_view", "float_view", "to_float_layers"]
-
-_VIEWS: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], nn.Module]]] = []
-
-
-def register_float_view(is_such: Callable[[nn.Module], bool], to_float: Callable[[nn.Module], nn.Module]) -> None:
-    """Layers for which ``is_such`` holds are merged into ``to_float(layer)`` (a float layer computing
-    the same function) instead of in place."""
-    if (is_such, to_float) not in _VIEWS:
-        _VIEWS.append((is_such, to_float))
-
-
-def float_view(module: nn.Module) -> Callable[[nn.Module], nn.Module] | None:
-    """The registered conversion for ``module``, or None for an ordinary float layer."""
-    return next((to_float for is_such, to_float in _VIEWS if is_such(module)), None)
 
 
 def to_float_layers(model: nn.Module) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import re
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -19,7 +18,8 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import LorakitError
-from .layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from .embedding_conv import LoraConv2d, LoraEmbedding
+from .layers import LoraLayer, LoraLinear
 from .shared_input import link_shared_inputs
 
 try:  # GPT-2 style layers; transformers is a dependency, but keep lora usable without it
@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "DEFAULT_TARGETS", "ModulesToSave", "Target", "plan_targets", "inject_adapter", "lora_layers",
-    "set_active_adapters", "disable_adapters", "delete_adapter", "mixed_batch", "trainable_report",
+    "set_active_adapters", "disable_adapters", "delete_adapter", "mixed_batch",
     "adapter_modules", "validate_adapter_name", "expand_pattern_aliases", "last_modules", "pattern_value",
     "register_layer_type", "conv1d_types", "linear_types",
 ]
@@ -251,6 +251,9 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str) -> lis
         if isinstance(base, nn.Conv2d) and base.groups != 1:
             raise LorakitError(f"target module {name!r} is a grouped convolution (groups={base.groups}); "
                                "LoRA supports groups=1 only. Exclude it with exclude_modules.")
+        if config.use_dora and not isinstance(base, linear_types()):
+            raise LorakitError(f"DoRA (use_dora) adapts Linear and Conv1D layers; {name!r} is a {type(base).__name__}. "
+                               "Leave it out of target_modules (or put it in exclude_modules), or train plain LoRA")
         if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
             raise LorakitError(f"adapter {adapter_name!r} already exists on {name!r}; delete it first or pick another name")
         r = pattern_value(config.rank_pattern, name, config.r)
@@ -310,7 +313,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
             layer = layer_factory(layer)(layer)
             replace_module(model, t.name, layer)
         layer.add_adapter(adapter_name, t.r, t.alpha, dropout=config.dropout,
-                          use_rslora=config.use_rslora, init=config.init)
+                          use_rslora=config.use_rslora, init=config.init, dora=config.use_dora)
     for want in config.modules_to_save or []:
         for name, module in list(candidate_modules(model)):
             if name == want or name.endswith("." + want):
@@ -342,8 +345,8 @@ def set_active_adapters(model: nn.Module, names: Sequence[str], bias: str = "non
         if isinstance(module, LoraLayer):
             module.active_adapters = [n for n in names if n in module.lora_A]
             for n in module.active_adapters:
-                module.lora_A[n].requires_grad_(True)
-                module.lora_B[n].requires_grad_(True)
+                for p in module.adapter_params(n):
+                    p.requires_grad_(True)
             if bias == "lora_only" and getattr(module.base_layer, "bias", None) is not None:
                 module.base_layer.bias.requires_grad_(True)
         else:
@@ -407,44 +410,3 @@ def delete_adapter(model: nn.Module, name: str) -> None:
                 module.active_adapter = None
             if not len(module.modules_to_save):
                 replace_module(model, path, module.original_module)
-
-
-def _param_count(p: torch.Tensor) -> int:
-    # A 4-bit weight is stored packed (two values per byte); its quant state knows the real shape.
-    shape = getattr(getattr(p, "quant_state", None), "shape", None)
-    return shape.numel() if shape is not None else p.numel()
-
-
-def trainable_report(model: nn.Module) -> tuple[str, "OrderedDict[str, dict]"]:
-    """PEFT's one-line summary and a per-module-type breakdown of the trainable parameters."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(_param_count(p) for p in model.parameters())
-    line = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}"
-    groups: OrderedDict[str, dict] = OrderedDict()
-    for path, module in adapter_modules(model):
-        kind = path.rsplit(".", 1)[-1]
-        if isinstance(module, LoraLayer):
-            params = [p for n in module.active_adapters for p in (module.lora_A[n], module.lora_B[n])]
-            ranks = {module.r[n] for n in module.active_adapters}
-            kind_label = f"{kind} ({type(module.base_layer).__name__})"
-        else:
-            m = module.modules_to_save[module.active_adapter] if module.active_adapter else None
-            params = list(m.parameters()) if m is not None else []
-            ranks = set()
-            kind_label = f"{kind} (full copy)"
-        g = groups.setdefault(kind_label, {"modules": 0, "params": 0, "ranks": set()})
-        g["modules"] += 1
-        g["params"] += sum(p.numel() for p in params if p.requires_grad)
-        g["ranks"] |= ranks
-    return line, groups
-
-
-def format_report(model: nn.Module) -> str:
-    line, groups = trainable_report(model)
-    rows = [line]
-    if groups:
-        rows.append(f"  {'module type':<32} {'count':>6} {'rank':>8} {'trainable':>12}")
-        for kind, g in groups.items():
-            ranks = ",".join(str(r) for r in sorted(g["ranks"])) or "-"
-            rows.append(f"  {kind:<32} {g['modules']:>6} {ranks:>8} {g['params']:>12,d}")
-    return "\n".join(rows)

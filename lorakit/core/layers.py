@@ -1,4 +1,5 @@
-"""LoRA layers: W' = W + s·B·A around a frozen Linear (or GPT-2 Conv1D), Embedding or Conv2d.
+"""LoRA layers: W' = W + s·B·A around a frozen Linear or GPT-2 Conv1D (Embedding and Conv2d:
+``lorakit.core.embedding_conv``), and DoRA on the linear ones (``lorakit.core.dora``).
 
 A is (r, in) and B is (out, r) — PEFT's storage layout — whatever the base's own layout.
 s = alpha / r, or alpha / sqrt(r) with rsLoRA. ``delta_weight()`` is the one place the update
@@ -19,8 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import INIT_CHOICES
+from .dora import dora_merge, dora_output, dora_unmerge, weight_norm
+from .float_view import float_weight
+from .start import balanced_factors, pissa_factors, start_of
 
-__all__ = ["LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv2d", "lora_scaling", "INIT_CHOICES"]
+__all__ = ["LoraLayer", "LoraLinear", "lora_scaling", "to_adapter_dtype", "INIT_CHOICES"]
 
 
 
@@ -60,6 +64,8 @@ class LoraLayer(nn.Module, ABC):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude = nn.ParameterDict()  # DoRA adapters only (lorakit.core.dora)
+        self._dora_scales: dict[str, Tensor] = {}  # m/‖W + s·BA‖ of each merged DoRA adapter
         self.r: dict[str, int] = {}
         self.alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -83,8 +89,9 @@ class LoraLayer(nn.Module, ABC):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str = "default",
+        dora: bool = False,
     ) -> None:
-        """Create adapter ``name`` with rank ``r``; a default init leaves the output unchanged."""
+        """Create adapter ``name`` with rank ``r`` (DoRA with ``dora``); a default init leaves the output unchanged."""
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         if r <= 0:
@@ -105,6 +112,8 @@ class LoraLayer(nn.Module, ABC):
             self._init_eora(name)
         else:
             raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INIT_CHOICES)}")
+        if dora:
+            self._init_dora(name)
         if name not in self.active_adapters:
             self.active_adapters.append(name)
 
@@ -113,6 +122,8 @@ class LoraLayer(nn.Module, ABC):
             raise ValueError(f"adapter {name!r} is merged into the base; unmerge it before deleting")
         for store in (self.lora_A, self.lora_B, self.lora_dropout):
             del store[name]
+        if name in self.lora_magnitude:
+            del self.lora_magnitude[name]
         for table in (self.r, self.alpha, self.scaling):
             del table[name]
         if name in self.active_adapters:
@@ -120,6 +131,13 @@ class LoraLayer(nn.Module, ABC):
         for buf in (f"pissa_A0_{name}", f"pissa_B0_{name}"):
             if buf in self._buffers:
                 del self._buffers[buf]
+
+    def adapter_params(self, name: str) -> list[nn.Parameter]:
+        """The trained tensors of adapter ``name``: A, B and (DoRA) the magnitude."""
+        return [self.lora_A[name], self.lora_B[name]] + ([self.lora_magnitude[name]] if name in self.lora_magnitude else [])
+
+    def _init_dora(self, name: str) -> None:
+        raise ValueError(f"DoRA is for Linear/Conv1D layers, not {type(self.base_layer).__name__}")
 
     def set_scale(self, name: str, scaling: float) -> None:
         self.scaling[name] = scaling
@@ -158,9 +176,13 @@ class LoraLayer(nn.Module, ABC):
             return result
         if self.row_adapters is not None:
             return self._mixed_forward(x, result)
+        base_out = result
         for name in self.active_adapters:
             if name in self.lora_A and name not in self.merged_adapters:
-                result = self.add_lora_output(result, x, name)
+                if name in self.lora_magnitude:  # DoRA reads the base output itself (not the other adapters')
+                    result = result + self.dora_delta(x, name, base_out).to(result.dtype)
+                else:
+                    result = self.add_lora_output(result, x, name)
         return result
 
     def add_lora_output(self, result: Tensor, x: Tensor, name: str) -> Tensor:
@@ -176,9 +198,16 @@ class LoraLayer(nn.Module, ABC):
             if name not in self.lora_A:
                 continue  # this adapter does not target this layer
             idx = torch.tensor([i for i, r in enumerate(rows) if r == name], device=x.device)
-            delta = self.lora_output(x.index_select(0, idx), name).to(result.dtype)
+            if name in self.lora_magnitude:  # these rows of result still hold the base output
+                delta = self.dora_delta(x.index_select(0, idx), name, result.index_select(0, idx))
+            else:
+                delta = self.lora_output(x.index_select(0, idx), name)
+            delta = delta.to(result.dtype)
             result = result.index_add(0, idx, delta)
         return result
+
+    def dora_delta(self, x: Tensor, name: str, base_out: Tensor) -> Tensor:
+        raise ValueError(f"DoRA is for Linear/Conv1D layers, not {type(self.base_layer).__name__}")
 
     @abstractmethod
     def lora_output(self, x: Tensor, name: str) -> Tensor:
@@ -198,7 +227,7 @@ class LoraLayer(nn.Module, ABC):
             if name not in self.lora_A or name in self.merged_adapters:
                 continue
             # fp32 here because a half-precision add would round away most of a small update.
-            merged = weight.data.float() + self.delta_weight(name).to(weight.device)
+            merged = self._merged_weight(weight.data.float(), name)
             if safe and not torch.isfinite(merged).all():
                 raise ValueError(f"merging adapter {name!r} gives non-finite weights; the base was left unchanged")
             weight.data.copy_(merged.to(weight.dtype))
@@ -211,7 +240,14 @@ class LoraLayer(nn.Module, ABC):
         weight = self.base_layer.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            weight.data.copy_((weight.data.float() - self.delta_weight(name).to(weight.device)).to(weight.dtype))
+            weight.data.copy_(self._unmerged_weight(weight.data.float(), name).to(weight.dtype))
+
+    def _merged_weight(self, weight: Tensor, name: str) -> Tensor:
+        """The fp32 base weight with adapter ``name`` merged in (DoRA: see LoraLinear)."""
+        return weight + self.delta_weight(name).to(weight.device)
+
+    def _unmerged_weight(self, weight: Tensor, name: str) -> Tensor:
+        return weight - self.delta_weight(name).to(weight.device)
 
     def _factors(self, name: str) -> tuple[Tensor, Tensor]:
         return self.lora_A[name].float(), self.lora_B[name].float()
@@ -236,8 +272,6 @@ class LoraLayer(nn.Module, ABC):
     def _init_eora(self, name: str) -> None:
         # A low-rank start kept on the base layer (lorakit.core.start; EoRA leaves the first rank-r
         # directions of the quantized base's output error there); without one, a plain LoRA start.
-        from .start import balanced_factors, start_of
-
         self._init_factors(name, "default")
         factors = start_of(self.base_layer)
         if factors is None:
@@ -294,7 +328,7 @@ class LoraLinear(LoraLayer):
         return out.view(result.shape)
 
     def _mixed_forward(self, x: Tensor, result: Tensor) -> Tensor:
-        if torch.is_grad_enabled() or self.training:
+        if torch.is_grad_enabled() or self.training or any(n in self.lora_magnitude for n in self.row_adapters):
             return super()._mixed_forward(x, result)
         # Inference: every adapter's A stacked into one matrix, each row masked to its own slice —
         # two matmuls per layer instead of a gather/matmul/scatter per adapter.
@@ -335,6 +369,48 @@ class LoraLinear(LoraLayer):
         delta = (B @ A) * self.scaling[name]  # (out, in)
         return delta.t() if self.fan_in_fan_out else delta
 
+    # ---- DoRA (lorakit.core.dora) ------------------------------------------------------------
+    def dense_weight(self) -> Tensor:
+        """The base weight as a float (out, in) matrix (dequantized for a quantized base)."""
+        w = float_weight(self.base_layer)
+        return w.t() if self.fan_in_fan_out else w
+
+    def _init_dora(self, name: str) -> None:
+        # m = ‖W + s·BA‖: the adapter starts as the identity whatever its init
+        A, B = self.lora_A[name], self.lora_B[name]
+        norm = weight_norm(self.dense_weight(), A, B, self.scaling[name])
+        self.lora_magnitude[name] = nn.Parameter(norm.to(A.dtype), requires_grad=A.requires_grad)
+
+    def dora_delta(self, x: Tensor, name: str, base_out: Tensor) -> Tensor:
+        dropout = self.lora_dropout[name]
+        if isinstance(dropout, nn.Identity) or not self.training:
+            bias = getattr(self.base_layer, "bias", None)
+            plain = base_out if bias is None else base_out - bias
+        else:
+            x, plain = dropout(x), None  # PEFT's rule: both terms read the dropped-out input
+        return dora_output(x, plain, self.dense_weight(), self.lora_A[name], self.lora_B[name], self.scaling[name],
+                           self.lora_magnitude[name])
+
+    def _merged_weight(self, weight: Tensor, name: str) -> Tensor:
+        if name not in self.lora_magnitude:
+            return super()._merged_weight(weight, name)
+        new, self._dora_scales[name] = dora_merge(weight, *self._dora_parts(weight, name), self.fan_in_fan_out)
+        return new
+
+    def _unmerged_weight(self, weight: Tensor, name: str) -> Tensor:
+        if name not in self.lora_magnitude:
+            return super()._unmerged_weight(weight, name)
+        plain, delta, _ = self._dora_parts(weight, name)
+        return dora_unmerge(weight, plain, delta, self._dora_scales.pop(name))
+
+    def _dora_parts(self, weight: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor]:
+        # merged_adapters holds exactly the merges below this one (it is not in the list while it merges or unmerges)
+        if any(n in self.lora_magnitude for n in self.merged_adapters):
+            raise ValueError(f"adapter {name!r} is DoRA and a DoRA adapter is merged on this layer already; "
+                             "merge DoRA adapters one at a time (unmerge first)")
+        plain = sum((self.delta_weight(n).to(weight.device) for n in self.merged_adapters), torch.zeros_like(weight))
+        return plain, self.delta_weight(name).to(weight.device), self.lora_magnitude[name].detach().float()
+
     def _init_pissa(self, name: str, init: str) -> None:
         # PiSSA: the adapter starts as the top-r singular triplets of W; the base keeps the rest.
         r, s = self.r[name], self.scaling[name]
@@ -342,17 +418,7 @@ class LoraLinear(LoraLayer):
         _require_float_base(weight, "initialise PiSSA from")
         W = weight.data.float()
         W = W.t() if self.fan_in_fan_out else W  # (out, in)
-        if init == "pissa":
-            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-        else:
-            niter = init.removeprefix("pissa_niter_")
-            if not niter.isdigit():
-                raise ValueError(f"unknown init {init!r}; use 'pissa' or 'pissa_niter_<N>' (e.g. pissa_niter_4)")
-            U, S, V = torch.svd_lowrank(W, q=r, niter=int(niter))
-            Vh = V.t()
-        root = (S[:r] / s).sqrt()
-        A = root[:, None] * Vh[:r]  # (r, in)
-        B = U[:, :r] * root[None, :]  # (out, r)
+        A, B = pissa_factors(W, r, s, init)
         with torch.no_grad():
             self.lora_A[name].copy_(A)
             self.lora_B[name].copy_(B)
@@ -361,59 +427,3 @@ class LoraLinear(LoraLayer):
         # Kept so the adapter can be saved as a plain LoRA against the original weights.
         self.register_buffer(f"pissa_A0_{name}", self.lora_A[name].detach().clone(), persistent=False)
         self.register_buffer(f"pissa_B0_{name}", self.lora_B[name].detach().clone(), persistent=False)
-
-
-class LoraEmbedding(LoraLayer):
-    """LoRA around ``nn.Embedding`` (weight (num, dim)); A is (r, num) zero-init, B is (dim, r) normal-init."""
-
-    def __init__(self, base_layer: nn.Embedding) -> None:
-        super().__init__(base_layer)
-        self.num_embeddings, self.embedding_dim = base_layer.weight.shape
-
-    def _factor_shapes(self, r: int):
-        return (r, self.num_embeddings), (self.embedding_dim, r)
-
-    def _init_factors(self, name: str, init: str) -> None:
-        # Zero A, normal B (PEFT's choice; 'gaussian' means the same here).
-        with torch.no_grad():
-            nn.init.zeros_(self.lora_A[name])
-            nn.init.normal_(self.lora_B[name])
-
-    def lora_output(self, x: Tensor, name: str) -> Tensor:
-        A, B = self.lora_A[name], self.lora_B[name]
-        base = self.base_layer
-        h = F.embedding(x, A.t(), padding_idx=base.padding_idx, max_norm=base.max_norm,
-                        norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq,
-                        sparse=base.sparse)  # (..., r); dropout does not apply to token ids
-        return F.linear(h, B) * self.scaling[name]  # (..., dim)
-
-    def delta_weight(self, name: str) -> Tensor:
-        A, B = self._factors(name)
-        return ((B @ A) * self.scaling[name]).t()  # (num, dim)
-
-
-class LoraConv2d(LoraLayer):
-    """LoRA around ``nn.Conv2d``: A is a conv with the base's kernel/stride/padding/dilation, B a 1×1 conv."""
-
-    def __init__(self, base_layer: nn.Conv2d) -> None:
-        super().__init__(base_layer)
-        if base_layer.groups != 1:
-            raise ValueError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported")
-        self.in_channels, self.out_channels = base_layer.in_channels, base_layer.out_channels
-
-    def _factor_shapes(self, r: int):
-        kh, kw = self.base_layer.kernel_size
-        return (r, self.in_channels, kh, kw), (self.out_channels, r, 1, 1)
-
-    def lora_output(self, x: Tensor, name: str) -> Tensor:
-        A, B, base = self.lora_A[name], self.lora_B[name], self.base_layer
-        x = self.lora_dropout[name](x).to(A.dtype)
-        h = F.conv2d(x, A, stride=base.stride, padding=base.padding, dilation=base.dilation)  # (N, r, H', W')
-        return F.conv2d(h, B) * self.scaling[name]  # (N, out, H', W')
-
-    def delta_weight(self, name: str) -> Tensor:
-        A, B = self._factors(name)
-        # conv(conv(x, A), B) with a 1×1 B is conv(x, B·A): the kernels compose linearly.
-        delta = B.flatten(1) @ A.flatten(1)  # (out, in·kh·kw)
-        return (delta * self.scaling[name]).view(self.base_layer.weight.shape)
-

@@ -17,10 +17,9 @@ from .combine import combine_adapters
 from ..config import LoraConfig
 from ..errors import LorakitError
 from .inject import (
-    delete_adapter, disable_adapters, expand_pattern_aliases, format_report, inject_adapter, mixed_batch,
-    set_active_adapters,
-    trainable_report,
+    delete_adapter, disable_adapters, expand_pattern_aliases, inject_adapter, mixed_batch, set_active_adapters,
 )
+from .report import format_report, trainable_report
 from .merge import merge_adapters, merge_and_unload, unload, unmerge_adapters
 
 __all__ = ["LoraModel", "get_lora_model"]

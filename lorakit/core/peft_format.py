@@ -28,7 +28,8 @@ from ..atomic import atomic_file
 from ..config import LoraConfig
 from ..errors import LorakitError
 from .inject import ModulesToSave, Target, adapter_modules, inject_adapter, plan_targets
-from .layers import LoraEmbedding, LoraLayer
+from .embedding_conv import LoraEmbedding
+from .layers import LoraLayer
 from .sharded import full_tensor
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "save_adapter", "read_adapter", "load_adapter",
@@ -41,7 +42,7 @@ PREFIX = "base_model.model."
 # Our field -> PEFT's key, where they differ.
 _TO_PEFT = {"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights"}
 # PEFT options that change the math; an adapter using one cannot be loaded faithfully.
-_UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "lora_bias (a bias on lora_B)", "use_qalora": "QALoRA",
+_UNSUPPORTED = {"lora_bias": "lora_bias (a bias on lora_B)", "use_qalora": "QALoRA",
                 "layer_replication": "layer replication", "target_parameters": "target_parameters",
                 "trainable_token_indices": "trainable tokens", "alora_invocation_tokens": "aLoRA",
                 "use_bdlora": "BD-LoRA"}
@@ -63,7 +64,7 @@ def config_to_peft(config: LoraConfig, targets: list[str] | str) -> dict[str, An
     # An EoRA init is plain LoRA weights once trained (PEFT has no such init to run at load time).
     out["init_lora_weights"] = True if init in ("default", "eora") else init
     out["target_modules"] = targets
-    out.update(peft_type="LORA", inference_mode=True, use_dora=False, lora_bias=False, revision=None)
+    out.update(peft_type="LORA", inference_mode=True, lora_bias=False, revision=None)
     return dict(sorted(out.items()))
 
 
@@ -122,6 +123,8 @@ def adapter_state_dict(model: nn.Module, name: str, config: LoraConfig) -> dict[
                 A = torch.cat([A, module.get_buffer(f"pissa_A0_{name}")], 0)
                 B = torch.cat([B, -module.get_buffer(f"pissa_B0_{name}")], 1)
             out[key_a], out[key_b] = A, B
+            if name in module.lora_magnitude:
+                out[f"{PREFIX}{path}.lora_magnitude_vector"] = full_tensor(module.lora_magnitude[name].detach())
         elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
             for pname, p in module.modules_to_save[name].named_parameters():
                 out[f"{PREFIX}{path}.{pname}"] = full_tensor(p.detach())
@@ -217,17 +220,10 @@ def _expected_shapes(target: Target) -> tuple[tuple[int, ...], tuple[int, ...], 
     return a, b, isinstance(layer, LoraEmbedding)
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, name: str) -> LoraConfig:
-    """Add adapter ``name`` from a PEFT folder to ``model``. Every key and shape is checked first."""
-    folder = Path(path)
-    config, state = read_adapter(folder)
-    plan = plan_targets(model, config, name)
-    remaining = dict(state)
-    wrapper = "base_model.model."
-    for key in list(remaining):
-        if not key.startswith(wrapper):
-            raise LorakitError(f"{folder / WEIGHTS_NAME}: key {key!r} does not start with {wrapper!r}; not a PEFT LoRA file")
-    lora_tensors: dict[str, tuple[Tensor, Tensor]] = {}
+def _lora_tensors(folder: Path, plan: list[Target], config: LoraConfig,
+                  remaining: dict[str, Tensor]) -> dict[str, tuple[Tensor, ...]]:
+    """Each target's A, B (and DoRA's magnitude), popped from ``remaining`` after checking keys and shapes."""
+    lora_tensors: dict[str, tuple[Tensor, ...]] = {}
     for t in plan:
         a_shape, b_shape, is_emb = _expected_shapes(t)
         suffixes = ("lora_embedding_A", "lora_embedding_B") if is_emb else ("lora_A.weight", "lora_B.weight")
@@ -242,7 +238,28 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str) -> LoraCo
                 raise LorakitError(f"{folder / WEIGHTS_NAME}: {key} has shape {tuple(tensor.shape)}, this model needs "
                                    f"{tuple(shape)} (r={t.r}); the adapter was trained on a different model")
             pair.append(tensor)
-        lora_tensors[t.name] = (pair[0], pair[1])
+        if config.use_dora:
+            key = f"{PREFIX}{t.name}.lora_magnitude_vector"
+            if key not in remaining or tuple(remaining[key].shape) != (b_shape[0],):
+                raise LorakitError(f"{folder / WEIGHTS_NAME}: a DoRA adapter (use_dora) needs {key} of shape "
+                                   f"({b_shape[0]},); " + ("it is missing" if key not in remaining else
+                                                           f"it has shape {tuple(remaining[key].shape)}"))
+            pair.append(remaining.pop(key))
+        lora_tensors[t.name] = tuple(pair)
+    return lora_tensors
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str) -> LoraConfig:
+    """Add adapter ``name`` from a PEFT folder to ``model``. Every key and shape is checked first."""
+    folder = Path(path)
+    config, state = read_adapter(folder)
+    plan = plan_targets(model, config, name)
+    remaining = dict(state)
+    wrapper = "base_model.model."
+    for key in list(remaining):
+        if not key.startswith(wrapper):
+            raise LorakitError(f"{folder / WEIGHTS_NAME}: key {key!r} does not start with {wrapper!r}; not a PEFT LoRA file")
+    lora_tensors = _lora_tensors(folder, plan, config, remaining)
     params = dict(model.named_parameters())
     saved_full: dict[str, dict[str, Tensor]] = {}
     for want in config.modules_to_save or []:
@@ -278,10 +295,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str) -> LoraCo
     inject_adapter(model, config, name)
     modules = dict(model.named_modules())
     with torch.no_grad():
-        for mpath, (A, B) in lora_tensors.items():
+        for mpath, (A, B, *magnitude) in lora_tensors.items():
             layer = modules[mpath]
             layer.lora_A[name].copy_(A)
             layer.lora_B[name].copy_(B)
+            if magnitude:
+                layer.lora_magnitude[name].copy_(magnitude[0])
         for mpath, tensors in saved_full.items():
             copy_params = dict(modules[mpath].modules_to_save[name].named_parameters())
             for pname, tensor in tensors.items():

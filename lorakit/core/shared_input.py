@@ -7,7 +7,7 @@ and run one of each (autograd splits the gradient back onto each A through the `
 The math is unchanged: every row of the stacked product is exactly one adapter's X·Aᵀ.
 
 Only the path that is identical either way is shared: the adapter exists, is active, unmerged
-and without dropout (dropout gives each layer its own mask) on every sibling. Grouping is by
+and without dropout (dropout gives each layer its own mask) and not DoRA on every sibling. Grouping is by
 name inside one parent module; if the siblings turn out to receive different tensors
 (cross-attention), the group switches itself off and each layer runs alone.
 """
@@ -48,6 +48,7 @@ class SharedInputGroup:
 
     def _shareable(self, name: str) -> bool:
         return all(name in layer.lora_A and isinstance(layer.lora_dropout[name], nn.Identity)
+                   and name not in layer.lora_magnitude
                    and name not in layer.merged_adapters and name in layer.active_adapters
                    for layer in self.layers)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["attach", "start_of", "drop_all", "balanced_factors"]
+__all__ = ["attach", "start_of", "drop_all", "balanced_factors", "pissa_factors"]
 
 _B, _A = "eora_B", "eora_A"  # non-persistent buffers on a base layer: (out, k) and (k, in)
 
@@ -47,3 +47,18 @@ def balanced_factors(P: Tensor, R: Tensor, scaling: float) -> tuple[Tensor, Tens
     u, sigma, vh = torch.linalg.svd(r1 @ r2.T)
     root = (sigma / scaling).sqrt()
     return ((q1 @ u) * root).float(), (root[:, None] * (vh @ q2.T)).float()
+
+
+def pissa_factors(W: Tensor, r: int, s: float, init: str) -> tuple[Tensor, Tensor]:
+    """PiSSA's start: A (r, in), B (out, r) with s·B·A the top-r singular part of W (out, in); exact SVD
+    for ``pissa``, randomized with N power iterations for ``pissa_niter_<N>``."""
+    if init == "pissa":
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    else:
+        niter = init.removeprefix("pissa_niter_")
+        if not niter.isdigit():
+            raise ValueError(f"unknown init {init!r}; use 'pissa' or 'pissa_niter_<N>' (e.g. pissa_niter_4)")
+        U, S, V = torch.svd_lowrank(W, q=r, niter=int(niter))
+        Vh = V.t()
+    root = (S[:r] / s).sqrt()
+    return root[:, None] * Vh[:r], U[:, :r] * root[None, :]

@@ -99,6 +99,9 @@ def refuse(adapter: ExportAdapter, target: str, *, embeddings: bool = True, bias
            modules_to_save: bool = False, way_out: str = "") -> None:
     """Raise, naming the module, when the adapter holds what ``target`` cannot represent."""
     cfg, where = adapter.config, adapter.folder
+    if cfg.use_dora:
+        raise LorakitError(f"{where}: a DoRA adapter (use_dora) rescales each output by a trained magnitude, which "
+                           f"{target} cannot apply as LoRA factors; {way_out or 'merge it into the base first'}")
     if cfg.modules_to_save and not modules_to_save:
         raise LorakitError(f"{where}: modules_to_save={cfg.modules_to_save} (full copies of those modules) cannot be "
                            f"represented in {target}; {way_out or 'merge first'}, or train without modules_to_save")

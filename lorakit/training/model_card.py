@@ -54,7 +54,8 @@ def model_card(cfg: RunConfig, base: str, license: str | None, data_summary: str
     lo, tr, m = cfg.lora, cfg.train, cfg.model
     targets = lo.target_modules if isinstance(lo.target_modules, str) else ", ".join(lo.target_modules or ["(model default)"])
     settings = [
-        ("rank r / alpha", f"{lo.r} / {lo.alpha:g}" + (" (rsLoRA: alpha/√r)" if lo.use_rslora else "")),
+        ("rank r / alpha", f"{lo.r} / {lo.alpha:g}" + (" (rsLoRA: alpha/√r)" if lo.use_rslora else "")
+         + (" (DoRA)" if lo.use_dora else "")),
         ("target modules", targets), ("dropout", f"{lo.dropout:g}"), ("init", lo.init),
         ("learning rate", f"{tr.lr:g} ({tr.schedule}, warm-up {tr.warmup:g})"),
         ("optimizer", tr.optimizer + (f", LoRA+ ratio {tr.lora_plus_ratio:g}" if tr.lora_plus_ratio else "")),
