@@ -90,12 +90,12 @@ def _held_out_loss(model, tok, val_path: Path, max_len: int) -> float:
 
 
 def worker_lorakit(train_path: Path, val_path: Path, steps: int, max_len: int, out: Path, packing: bool,
-                   precision: str = "auto") -> dict:
+                   precision: str = "auto", dora: bool = False) -> dict:
     # Without packing: 4 examples per step, like the Trainer runs. With packing: one row of max_len
     # tokens per step (several examples; ~1,000 tokens against the Trainer's ~600 on varlen).
     batch = ["--train.batch_size", "1", "--data.packing", "true"] if packing else \
         ["--train.batch_size", "4", "--data.packing", "false"]
-    batch += ["--train.precision", precision]
+    batch += ["--train.precision", precision, "--train.method", "dora" if dora else "lora"]
     cmd = [sys.executable, "-m", "lorakit", "train", "--model", MODEL, "--data", str(train_path), "--out", str(out),
            "--overwrite", "--lora.r", "16", "--lora.alpha", "32", "--train.lr", "2e-4", *batch,
            "--train.max_steps", str(steps), "--train.warmup", "0.1", "--data.max_len", str(max_len),
@@ -113,7 +113,7 @@ def worker_lorakit(train_path: Path, val_path: Path, steps: int, max_len: int, o
 
 
 def worker_peft(train_path: Path, val_path: Path, steps: int, max_len: int, out: Path, padding_free: bool,
-                bf16: bool = False) -> dict:
+                bf16: bool = False, dora: bool = False) -> dict:
     import torch
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -124,7 +124,7 @@ def worker_peft(train_path: Path, val_path: Path, steps: int, max_len: int, out:
     torch.set_num_threads(os.cpu_count() or 1)
     model, tok = load_model(MODEL, "cpu", "bfloat16" if bf16 else "float32")
     model = get_peft_model(model, PeftLoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-                                                 task_type="CAUSAL_LM"))
+                                                 task_type="CAUSAL_LM", use_dora=dora))
     texts = [tok.apply_chat_template(json.loads(x)["messages"], tokenize=False) for x in train_path.read_text().splitlines()]
     rows = [{"input_ids": tok(t, add_special_tokens=False, truncation=True, max_length=max_len)["input_ids"]} for t in texts]
     counted = {"tokens": 0}
@@ -181,12 +181,12 @@ def main() -> None:
         train, val, out = Path(args.train_file), Path(args.val_file), Path(args.out)
         if args.worker.startswith("lorakit"):
             res = worker_lorakit(train, val, args.steps, args.max_len, out, packing="packed" in args.worker,
-                                 precision="fp32" if args.worker.endswith("fp32") else "auto")
+                                 precision="fp32" if "fp32" in args.worker else "auto", dora="dora" in args.worker)
             child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the `lorakit train` process
             res["peak_rss_mib"] = child / 1024
         else:
             res = worker_peft(train, val, args.steps, args.max_len, out, padding_free=args.worker.startswith("peft-padfree"),
-                              bf16=args.worker.endswith("bf16"))
+                              bf16="bf16" in args.worker, dora="dora" in args.worker)
             res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(res))
         return

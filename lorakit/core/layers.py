@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import INIT_CHOICES
-from .dora import dora_merge, dora_output, dora_unmerge, weight_norm
-from .float_view import float_weight
+from .dora import DoraLinear
 from .start import balanced_factors, pissa_factors, start_of
 
 __all__ = ["LoraLayer", "LoraLinear", "lora_scaling", "to_adapter_dtype", "INIT_CHOICES"]
@@ -180,7 +179,7 @@ class LoraLayer(nn.Module, ABC):
         for name in self.active_adapters:
             if name in self.lora_A and name not in self.merged_adapters:
                 if name in self.lora_magnitude:  # DoRA reads the base output itself (not the other adapters')
-                    result = result + self.dora_delta(x, name, base_out).to(result.dtype)
+                    result = self.add_dora_output(result, x, name, base_out)
                 else:
                     result = self.add_lora_output(result, x, name)
         return result
@@ -199,14 +198,15 @@ class LoraLayer(nn.Module, ABC):
                 continue  # this adapter does not target this layer
             idx = torch.tensor([i for i, r in enumerate(rows) if r == name], device=x.device)
             if name in self.lora_magnitude:  # these rows of result still hold the base output
-                delta = self.dora_delta(x.index_select(0, idx), name, result.index_select(0, idx))
+                rows_out = result.index_select(0, idx)
+                delta = self.add_dora_output(rows_out, x.index_select(0, idx), name, rows_out) - rows_out
             else:
                 delta = self.lora_output(x.index_select(0, idx), name)
             delta = delta.to(result.dtype)
             result = result.index_add(0, idx, delta)
         return result
 
-    def dora_delta(self, x: Tensor, name: str, base_out: Tensor) -> Tensor:
+    def add_dora_output(self, result: Tensor, x: Tensor, name: str, base_out: Tensor) -> Tensor:
         raise ValueError(f"DoRA is for Linear/Conv1D layers, not {type(self.base_layer).__name__}")
 
     @abstractmethod
@@ -287,7 +287,7 @@ class LoraLayer(nn.Module, ABC):
         return f"adapters=[{ranks}], active={self.active_adapters}, merged={self.merged_adapters}"
 
 
-class LoraLinear(LoraLayer):
+class LoraLinear(DoraLinear, LoraLayer):
     """LoRA around ``nn.Linear`` (weight (out, in)) or GPT-2 ``Conv1D`` (weight (in, out), fan_in_fan_out)."""
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
@@ -368,48 +368,6 @@ class LoraLinear(LoraLayer):
         A, B = self._factors(name)
         delta = (B @ A) * self.scaling[name]  # (out, in)
         return delta.t() if self.fan_in_fan_out else delta
-
-    # ---- DoRA (lorakit.core.dora) ------------------------------------------------------------
-    def dense_weight(self) -> Tensor:
-        """The base weight as a float (out, in) matrix (dequantized for a quantized base)."""
-        w = float_weight(self.base_layer)
-        return w.t() if self.fan_in_fan_out else w
-
-    def _init_dora(self, name: str) -> None:
-        # m = ‖W + s·BA‖: the adapter starts as the identity whatever its init
-        A, B = self.lora_A[name], self.lora_B[name]
-        norm = weight_norm(self.dense_weight(), A, B, self.scaling[name])
-        self.lora_magnitude[name] = nn.Parameter(norm.to(A.dtype), requires_grad=A.requires_grad)
-
-    def dora_delta(self, x: Tensor, name: str, base_out: Tensor) -> Tensor:
-        dropout = self.lora_dropout[name]
-        if isinstance(dropout, nn.Identity) or not self.training:
-            bias = getattr(self.base_layer, "bias", None)
-            plain = base_out if bias is None else base_out - bias
-        else:
-            x, plain = dropout(x), None  # PEFT's rule: both terms read the dropped-out input
-        return dora_output(x, plain, self.dense_weight(), self.lora_A[name], self.lora_B[name], self.scaling[name],
-                           self.lora_magnitude[name])
-
-    def _merged_weight(self, weight: Tensor, name: str) -> Tensor:
-        if name not in self.lora_magnitude:
-            return super()._merged_weight(weight, name)
-        new, self._dora_scales[name] = dora_merge(weight, *self._dora_parts(weight, name), self.fan_in_fan_out)
-        return new
-
-    def _unmerged_weight(self, weight: Tensor, name: str) -> Tensor:
-        if name not in self.lora_magnitude:
-            return super()._unmerged_weight(weight, name)
-        plain, delta, _ = self._dora_parts(weight, name)
-        return dora_unmerge(weight, plain, delta, self._dora_scales.pop(name))
-
-    def _dora_parts(self, weight: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor]:
-        # merged_adapters holds exactly the merges below this one (it is not in the list while it merges or unmerges)
-        if any(n in self.lora_magnitude for n in self.merged_adapters):
-            raise ValueError(f"adapter {name!r} is DoRA and a DoRA adapter is merged on this layer already; "
-                             "merge DoRA adapters one at a time (unmerge first)")
-        plain = sum((self.delta_weight(n).to(weight.device) for n in self.merged_adapters), torch.zeros_like(weight))
-        return plain, self.delta_weight(name).to(weight.device), self.lora_magnitude[name].detach().float()
 
     def _init_pissa(self, name: str, init: str) -> None:
         # PiSSA: the adapter starts as the top-r singular triplets of W; the base keeps the rest.
