@@ -30,6 +30,8 @@ CONFIGS = [
     ("smollm2 qlora b2 s512", "smollm2-135m", "qlora", 16, 2, 512, False),
     ("smollm2 lora b2 s512 bf16", "smollm2-135m", "lora", 16, 2, 512, False, "bf16"),
     ("smollm2 lora b1 s1024 bf16", "smollm2-135m", "lora", 16, 1, 1024, False, "bf16"),
+    ("smollm2 dora b1 s1024", "smollm2-135m", "dora", 16, 1, 1024, False),
+    ("smollm2 dora b1 s1024 bf16", "smollm2-135m", "dora", 16, 1, 1024, False, "bf16"),
 ]
 
 WORKER = r"""
@@ -57,7 +59,9 @@ if name == "mid":
 else:
     cfg = load_model_config(name)
 shape = shape_from_config(cfg)
-est = estimate_memory(shape, method, max(r, 1), "all-linear", batch, seq, ckpt, dtype, "adamw")
+dora = method == "dora"
+method = "lora" if dora else method
+est = estimate_memory(shape, method, max(r, 1), "all-linear", batch, seq, ckpt, dtype, "adamw", dora=dora)
 # Warm the compute runtime (thread pool, oneDNN/BLAS buffers, autograd engine) before the baseline:
 # that is framework overhead, which the estimate reports separately, not model memory.
 _w = torch.nn.Linear(256, 256)
@@ -80,7 +84,7 @@ if ckpt:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
 if method in ("lora", "qlora"):
-    model = get_lora_model(model, LoraConfig(r=r, alpha=2 * r, target_modules="all-linear")).model
+    model = get_lora_model(model, LoraConfig(r=r, alpha=2 * r, target_modules="all-linear", use_dora=dora)).model
 params = [p for p in model.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=1e-5)
 ids = torch.randint(0, cfg.vocab_size, (batch, seq))

@@ -215,3 +215,24 @@ def test_lora_only_exports_refuse_dora_and_say_merge(tmp_path):
     m.save_pretrained(tmp_path)
     with pytest.raises(LorakitError, match="DoRA adapter .*cannot apply as LoRA factors; merge it"):
         refuse(read_export_adapter(tmp_path), "a llama.cpp LoRA GGUF")
+
+
+def test_dora_over_a_4bit_base_equals_dora_over_its_dequantized_weights(ids):
+    """QLoRA + DoRA: the norm reads the 4-bit weight through the frozen layer and its dequantized
+    view; the result is what the same adapter gives over a float copy of the dequantized weights."""
+    pytest.importorskip("bitsandbytes")
+    from lorakit.quant.bnb import QuantSpec, dequantize_model, quantize_model
+
+    q = tiny_llama()
+    quantize_model(q, QuantSpec("nf4"))
+    m = get_lora_model(q, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True))
+    randomize_adapters(m)
+    with torch.no_grad():
+        got = m(ids).logits
+        dequantize_model(m.model)  # now float layers holding exactly the dequantized weights
+        want = m(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    m.train()
+    loss = m(ids, labels=ids).loss
+    loss.backward()
+    assert all(p.grad is not None for n, p in m.named_parameters() if "lora_magnitude" in n)

@@ -138,3 +138,13 @@ def test_half_precision_activations_count_the_fp32_norms():
     e16 = estimate_memory(s, "lora", r=16, batch=1, seq=1000, dtype="bf16")
     norms = 1000 * s.layers * 2 * 2 * s.hidden * 4  # two RMSNorms per layer keep 2h fp32 values per token each
     assert e16.components["activations"] == pytest.approx(e32.components["activations"] / 2 + norms)
+
+
+def test_dora_adds_one_magnitude_per_output_and_one_saved_output_per_projection():
+    s = shape_from_config(SMOL)
+    lora = estimate_memory(s, "lora", r=16, batch=2, seq=64, dtype="bf16")
+    dora = estimate_memory(s, "lora", r=16, batch=2, seq=64, dtype="bf16", dora=True)
+    outs = sum(o for _, o in s.linears.values())  # q, k, v, o, gate, up, down output widths
+    assert dora.trainable_params - lora.trainable_params == 155_520 == 30 * outs  # = get_lora_model(use_dora) count
+    extra = dora.components["activations"] - lora.components["activations"]
+    assert extra == 2 * 64 * 30 * outs * 2  # tokens × layers × widths × bf16 bytes

@@ -116,7 +116,8 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     shape = shape_from_config(load_model_config(cfg.model.name))
     est = estimate_memory(shape, method, cfg.lora.r, cfg.lora.target_modules or "all-linear", cfg.train.batch_size,
                           cfg.data.max_len, cfg.train.grad_checkpointing, _precision(cfg, kind), optimizer,
-                          cfg.model.double_quant, overhead_bytes=OVERHEAD_BYTES[kind], device_memory=memory)
+                          cfg.model.double_quant, overhead_bytes=OVERHEAD_BYTES[kind], device_memory=memory,
+                          dora=cfg.lora.use_dora)
     if args.json:
         print(json.dumps({"model": cfg.model.name, **est.to_dict()}, indent=2))
         return 0

@@ -133,7 +133,8 @@ class Estimate:
         return d
 
 
-def _activation_bytes_per_token(s: ModelShape, act_bytes: int, r: int, n_adapted: int, grad_ckpt: bool) -> float:
+def _activation_bytes_per_token(s: ModelShape, act_bytes: int, r: int, n_adapted: int, grad_ckpt: bool,
+                                dora_outs: int = 0) -> float:
     """Bytes kept for backward per token, all layers, for a Llama-like block with a frozen base.
 
     Saved per layer and token (floats): the block input and the first norm's output (2h); the
@@ -141,14 +142,15 @@ def _activation_bytes_per_token(s: ModelShape, act_bytes: int, r: int, n_adapted
     residual sum and the second norm's output (2h); the MLP's gate, up, SiLU(gate) and the
     product fed to down_proj (4·I); each adapted projection's A·x (r). A frozen weight's matmul
     keeps no input. Measured on SmolLM2 (2,048 tokens, fp32): 1.155 MiB per token against this
-    formula's 1.155. With checkpointing only each block's input is kept (h per layer), plus one
+    formula's 1.155. DoRA keeps each adapted projection's output before its rescaling too
+    (``dora_outs``: their output widths summed). With checkpointing only each block's input is kept (h per layer), plus one
     block's activations while it is recomputed.
 
     In half precision the two RMSNorms of a block still compute in fp32 (transformers upcasts)
     and keep their fp32 input and normalised product for backward: 2 × 2h fp32 values more per
     layer (measured on SmolLM2 in bf16: the estimate was 18.5% low without them).
     """
-    per_layer = 2 * s.hidden + (2 * s.hidden + 2 * s.kv_dim) + 2 * s.hidden + 4 * s.intermediate + n_adapted * r
+    per_layer = 2 * s.hidden + (2 * s.hidden + 2 * s.kv_dim) + 2 * s.hidden + 4 * s.intermediate + n_adapted * r + dora_outs
     per_layer_bytes = act_bytes * per_layer + (0 if act_bytes >= 4 else 2 * 2 * s.hidden * 4)
     if grad_ckpt:
         return act_bytes * s.layers * s.hidden + per_layer_bytes
@@ -159,7 +161,7 @@ def estimate_memory(s: ModelShape, method: str = "lora", r: int = 16, targets: l
                     batch: int = 4, seq: int = 1024, grad_ckpt: bool = False, dtype: str = "fp32",
                     optimizer: str = "adamw", double_quant: bool = True, label_fraction: float = 1.0,
                     chunked_loss: bool = True, overhead_bytes: float | None = None,
-                    device_memory: float | None = None) -> Estimate:
+                    device_memory: float | None = None, dora: bool = False) -> Estimate:
     """Memory for one training step of ``batch`` rows of ``seq`` tokens."""
     if method not in ("full", "lora", "qlora"):
         raise LorakitError(f"method must be full, lora or qlora, got {method!r}")
@@ -184,7 +186,7 @@ def estimate_memory(s: ModelShape, method: str = "lora", r: int = 16, targets: l
     else:
         for n in names:
             i, o = s.linears[n]
-            per = r * (i + o)
+            per = r * (i + o) + (o if dora else 0)  # DoRA: one magnitude per output
             adapter_by_type[n] = {"shape": f"{i}x{o}", "params_per_layer": per, "params": per * s.layers,
                                   "saved_pct": 100 * (1 - per / (i * o))}
         trainable = sum(v["params"] for v in adapter_by_type.values())
@@ -201,8 +203,10 @@ def estimate_memory(s: ModelShape, method: str = "lora", r: int = 16, targets: l
     comp[f"optimizer state ({optimizer})"] = trainable * _OPTIMIZER_BYTES[optimizer]
     tokens = batch * seq
     act_b = 4 if dtype == "fp32" else 2
+    dora_outs = sum(s.linears[n][1] for n in names) if dora and method != "full" else 0
     comp["activations"] = tokens * _activation_bytes_per_token(s, act_b, r if method != "full" else 0,
-                                                                len(names) if method != "full" else 0, grad_ckpt)
+                                                                len(names) if method != "full" else 0, grad_ckpt,
+                                                                dora_outs)
     labels = max(1, int(tokens * label_fraction))
     if chunked_loss:
         # One chunk of fp32 logits (log-sum-exp and softmax are taken in place, and one chunk is
@@ -215,7 +219,7 @@ def estimate_memory(s: ModelShape, method: str = "lora", r: int = 16, targets: l
     comp["framework overhead"] = overhead_bytes if overhead_bytes is not None else 0.0
     est = Estimate(comp, trainable, frozen, adapter_by_type,
                    dict(method=method, r=r, targets=names, batch=batch, seq=seq, grad_ckpt=grad_ckpt, dtype=dtype,
-                        optimizer=optimizer, double_quant=double_quant), device_memory)
+                        optimizer=optimizer, double_quant=double_quant, dora=dora), device_memory)
     if device_memory is not None:
         fixed = est.total - comp["activations"] - comp[loss_key]
         per_token = comp["activations"] / tokens
@@ -230,7 +234,7 @@ def estimate_memory(s: ModelShape, method: str = "lora", r: int = 16, targets: l
 def format_estimate(e: Estimate) -> str:
     gib = 2 ** 30
     st = e.settings
-    lines = [f"{st['method']} r={st['r']} batch={st['batch']} seq={st['seq']} dtype={st['dtype']} "
+    lines = [f"{st['method']}{' (DoRA)' if st.get('dora') else ''} r={st['r']} batch={st['batch']} seq={st['seq']} dtype={st['dtype']} "
              f"optimizer={st['optimizer']} grad_ckpt={st['grad_ckpt']}",
              f"trainable params: {e.trainable_params:,d}   frozen params: {e.frozen_params:,d}", ""]
     if e.adapter_by_type:

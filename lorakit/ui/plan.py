@@ -15,7 +15,7 @@ __all__ = ["FORM_KEYS", "FormField", "form_fields", "plan_run", "Plan", "estimat
 
 # The options the form shows (every other one keeps its default; the YAML shows them all).
 FORM_KEYS = ["model.name", "data.path", "data.max_len", "data.packing", "lora.r", "lora.alpha", "lora.dropout",
-             "lora.target_modules", "model.quantize", "train.lr", "train.batch_size", "train.grad_accum",
+             "lora.target_modules", "train.method", "model.quantize", "train.lr", "train.batch_size", "train.grad_accum",
              "train.max_steps", "train.epochs", "train.eval_every", "train.save_every", "train.seed"]
 
 
@@ -93,7 +93,7 @@ def estimate_text(config: RunConfig) -> str:
     method = "qlora" if config.model.quantize != "none" else "lora"
     est = estimate_memory(shape, method, config.lora.r, config.lora.target_modules or "all-linear",
                           config.train.batch_size, config.data.max_len, config.train.grad_checkpointing,
-                          "fp32", "adamw", config.model.double_quant)
+                          "fp32", "adamw", config.model.double_quant, dora=config.lora.use_dora)
     return format_estimate(est)
 
 
