@@ -72,7 +72,7 @@ def _estimate_config(args: argparse.Namespace):
     return cfg, optimizer or cfg.train.optimizer
 
 
-def _device_kind(device: str) -> str:
+def device_kind(device: str) -> str:
     """cpu or cuda: which framework overhead to count."""
     if device != "auto":
         return "cuda" if device.startswith("cuda") else "cpu"
@@ -92,7 +92,7 @@ def _auto_dtype(kind: str, quantize: str = "none") -> str:
     return resolve_precision("auto", torch.device("cpu"), quantize)
 
 
-def _precision(cfg, kind: str) -> str:
+def planned_precision(cfg, kind: str) -> str:
     from ..config import DTYPE_CHOICES, PRECISIONS
 
     if cfg.train.precision != "auto":
@@ -112,10 +112,10 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         raise LorakitError("estimate models 4-bit bases (--quantize nf4 or fp4); int8 is not estimated yet")
     method = "qlora" if cfg.model.quantize != "none" else args.method
     memory = parse_size(args.device_memory) if args.device_memory else None
-    kind = _device_kind(cfg.model.device)
+    kind = device_kind(cfg.model.device)
     shape = shape_from_config(load_model_config(cfg.model.name))
     est = estimate_memory(shape, method, cfg.lora.r, cfg.lora.target_modules or "all-linear", cfg.train.batch_size,
-                          cfg.data.max_len, cfg.train.grad_checkpointing, _precision(cfg, kind), optimizer,
+                          cfg.data.max_len, cfg.train.grad_checkpointing, planned_precision(cfg, kind), optimizer,
                           cfg.model.double_quant, overhead_bytes=OVERHEAD_BYTES[kind], device_memory=memory,
                           dora=cfg.lora.use_dora)
     if args.json:
@@ -179,7 +179,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     profile = profile_data(data, load_tokenizer(args.model), args.sample)
     rec = recommend(profile, shape, args.model, data, memory, source,
                     getattr(model_cfg, "max_position_embeddings", None), run_dir,
-                    dtype=_auto_dtype(_device_kind("auto")))
+                    dtype=_auto_dtype(device_kind("auto")))
     cfg = rec.run_config()  # the YAML must load as it is written
     out = Path(config_path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,40 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
+def _fit_memory(cfg, main_rank: bool):
+    """Print tokens per step and the estimated peak against the available memory; make the run fit
+    (lorakit.planning.fit) or stop here, before any data or weights are loaded. A resumed run keeps
+    its settings (its data order depends on them)."""
+    from ..base import load_model_config
+    from ..planning.estimate import shape_from_config
+    from ..planning.fit import apply_fit, available_memory, fit_to_memory
+    from .plan import OVERHEAD_BYTES, device_kind, planned_precision
+
+    if cfg.model.quantize == "int8":
+        return cfg  # not estimated yet
+    try:
+        shape = shape_from_config(load_model_config(cfg.model.name))
+    except LorakitError:
+        return cfg  # an architecture the estimate does not model, or a model train will report on itself
+    kind = device_kind(cfg.model.device)
+    available = available_memory(kind) / (int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if kind == "cpu" else 1)
+    precision = planned_precision(cfg, kind)
+    if cfg.train.resume:
+        fit = fit_to_memory(shape, cfg, precision, OVERHEAD_BYTES[kind], float("inf"))
+        fit.available = available
+    else:
+        fit = fit_to_memory(shape, cfg, precision, OVERHEAD_BYTES[kind], available)
+        cfg = apply_fit(cfg, fit)
+    if main_rank:
+        t = cfg.train
+        print(f"memory: {t.batch_size} × {cfg.data.max_len} tokens per micro-batch × {t.grad_accum} = up to "
+              f"{t.batch_size * cfg.data.max_len * t.grad_accum:,} tokens per step; estimated peak "
+              f"{fit.estimate / 2**30:.2f} GiB of {available / 2**30:.2f} GiB available")
+        for change in fit.changes:
+            print(f"memory: to fit, {change}")
+    return cfg
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from ..training.loop import train
     from .flags import run_config
@@ -55,6 +89,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone prints
     if uses_demo and main_rank:
         print("no --data given: training on the built-in demo task (date normalisation + identity)")
+    cfg = _fit_memory(cfg, main_rank)
     result = train(cfg)
     if main_rank:
         print_train_summary(result, cfg)

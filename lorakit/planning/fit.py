@@ -1,0 +1,105 @@
+"""Fitting a run to the memory it has, before it starts: the estimate (``lorakit.planning.estimate``)
+of the configured step against the memory available, and the changes that make it fit.
+
+The rule, in order, while the estimated peak is above 90% of what is available:
+1. turn on gradient checkpointing (activations: every token's per-layer tensors → one per layer);
+2. halve the micro-batch and double the accumulation (the same examples per optimizer step, the
+   same result up to rounding: the loss is one mean over the step's label tokens);
+and when a micro-batch of one row with checkpointing still does not fit, refuse, with the numbers
+and the longest ``data.max_len`` that would fit. (``recommend``, which also may choose a 4-bit
+base, plans with the same estimate against the device's memory.)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..errors import LorakitError
+from .estimate import ModelShape, estimate_memory, parse_size
+
+__all__ = ["MemoryFit", "fit_to_memory", "apply_fit", "available_memory", "HEADROOM", "MEMORY_ENV"]
+
+HEADROOM = 0.9  # the fraction of the available memory a run may plan to use
+MEMORY_ENV = "LORAKIT_AVAILABLE_MEMORY"  # e.g. 8GB: plan for this much instead of what the system reports
+
+
+@dataclass
+class MemoryFit:
+    batch_size: int
+    grad_accum: int
+    grad_checkpointing: bool
+    estimate: float  # bytes, the planned step's peak
+    available: float  # bytes
+    changes: list[str] = field(default_factory=list)
+
+
+def available_memory(device_kind: str) -> float:
+    """Bytes this run can use: ``$LORAKIT_AVAILABLE_MEMORY`` when set, else the GPU's free memory
+    (CUDA) or the system's available memory (MemAvailable)."""
+    if os.environ.get(MEMORY_ENV):
+        return parse_size(os.environ[MEMORY_ENV])
+    if device_kind == "cuda":
+        import torch
+
+        return float(torch.cuda.mem_get_info()[0])
+    try:
+        import psutil
+
+        return float(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil comes with accelerate
+        with open("/proc/meminfo") as f:
+            return float(next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) * 1024)
+
+
+def _estimate(shape: ModelShape, cfg: Any, precision: str, overhead: float, batch: int, ckpt: bool,
+              device_memory: float | None = None):
+    method = "qlora" if cfg.model.quantize in ("nf4", "fp4") else "lora"
+    optimizer = "adamw8bit" if cfg.train.optimizer.endswith("adamw8bit") else "adamw"
+    targets = cfg.lora.target_modules if isinstance(cfg.lora.target_modules, list) else "all-linear"  # a regex: the upper bound
+    return estimate_memory(shape, method, cfg.lora.r, targets, batch, cfg.data.max_len,
+                           ckpt, precision, optimizer, cfg.model.double_quant, overhead_bytes=overhead,
+                           device_memory=device_memory, dora=cfg.lora.use_dora)
+
+
+def _gib(x: float) -> str:
+    return f"{x / 2**30:.2f} GiB"
+
+
+def fit_to_memory(shape: ModelShape, cfg: Any, precision: str, overhead: float, available: float) -> MemoryFit:
+    """The micro-batch, accumulation and checkpointing that fit ``available`` bytes (``cfg`` is a
+    RunConfig; it is not changed). Raises LorakitError, with the numbers, when nothing fits."""
+    t = cfg.train
+    batch, accum, ckpt = t.batch_size, t.grad_accum, t.grad_checkpointing
+    room = HEADROOM * available
+    est = _estimate(shape, cfg, precision, overhead, batch, ckpt).total
+    first, changes = est, []
+    if est > room and not ckpt:
+        ckpt = True
+        est = _estimate(shape, cfg, precision, overhead, batch, ckpt).total
+        changes.append(f"train.grad_checkpointing true (estimated peak {_gib(first)} → {_gib(est)})")
+    rows = batch * accum
+    while est > room and batch > 1:
+        batch = (batch + 1) // 2
+        accum = math.ceil(rows / batch)
+        est = _estimate(shape, cfg, precision, overhead, batch, ckpt).total
+    if batch != t.batch_size:
+        changes.append(f"train.batch_size {t.batch_size} → {batch} and train.grad_accum {t.grad_accum} → {accum} "
+                       f"({batch * accum} rows per step as configured: {rows}; estimated peak {_gib(est)})")
+    if est > room:
+        longest = _estimate(shape, cfg, precision, overhead, 1, True, device_memory=room).max_seq or 0
+        hint = (f"data.max_len {longest} would fit (with batch 1 and checkpointing); lower it, use --quantize nf4"
+                if longest >= 16 else "the weights and the framework alone take about that: use --quantize nf4")
+        raise LorakitError(
+            f"this run needs about {_gib(est)} even with a micro-batch of 1 row of {cfg.data.max_len} tokens and "
+            f"gradient checkpointing, and {_gib(available)} is available ({int(HEADROOM * 100)}% of it may be "
+            f"planned); {hint} or free memory (${MEMORY_ENV} overrides what the system reports)")
+    return MemoryFit(batch, accum, ckpt, est, available, changes)
+
+
+def apply_fit(cfg: Any, fit: MemoryFit) -> Any:
+    """``cfg`` with the fitted batch, accumulation and checkpointing (a new RunConfig)."""
+    return replace(cfg, train=replace(cfg.train, batch_size=fit.batch_size, grad_accum=fit.grad_accum,
+                                      grad_checkpointing=fit.grad_checkpointing))
