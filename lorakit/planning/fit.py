@@ -45,13 +45,9 @@ def available_memory(device_kind: str) -> float:
         import torch
 
         return float(torch.cuda.mem_get_info()[0])
-    try:
-        import psutil
+    import psutil
 
-        return float(psutil.virtual_memory().available)
-    except ImportError:  # pragma: no cover - psutil comes with accelerate
-        with open("/proc/meminfo") as f:
-            return float(next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) * 1024)
+    return float(psutil.virtual_memory().available)
 
 
 def _estimate(shape: ModelShape, cfg: Any, precision: str, overhead: float, batch: int, ckpt: bool,
