@@ -195,3 +195,27 @@ def test_bad_combinations_change_nothing(kwargs, message):
         m.add_weighted_adapter(**kwargs)
     assert_unchanged(m, snap)
     assert sorted(m.configs) == ["a", "b"]
+
+
+def test_cli_combine_ties_equals_the_python_api_and_checks_options_first(tiny_model_dir, two_adapters, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.cli import main
+
+    a, b = two_adapters["alpha"], two_adapters["beta"]
+    out = tmp_path / "ties"
+    assert main(["combine", "--model", str(tiny_model_dir), "--adapter", f"a={a}:0.6", "--adapter", f"b={b}:0.4",
+                 "--method", "dare_ties", "--density", "0.5", "--seed", "3", "--out", str(out)]) == 0
+    lm = LoraModel(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    lm.load_adapter(a, "a", activate=False)
+    lm.load_adapter(b, "b", activate=False)
+    lm.add_weighted_adapter(["a", "b"], [0.6, 0.4], "ab", "dare_ties", density=0.5, seed=3)
+    lm.set_adapter("ab")
+    ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(0))
+    saved = LoraModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+    with torch.no_grad():
+        torch.testing.assert_close(saved(ids).logits, lm(ids).logits, atol=1e-6, rtol=0)
+    capsys.readouterr()
+    assert main(["combine", "--model", "/nonexistent/model", "--adapter", f"a={a}:0.6", "--adapter", f"b={b}:0.4",
+                 "--method", "ties", "--out", str(tmp_path / "never")]) == 2  # the missing density, before any load
+    assert "needs a density" in capsys.readouterr().err and not (tmp_path / "never").exists()

@@ -343,11 +343,13 @@ def _parse_weighted(spec: str) -> tuple[str, str, float]:
 
 def _cmd_combine(args: argparse.Namespace) -> int:
     from ..core.peft_format import read_adapter
+    from ..core.combine import check_combine_options
     from ..core.merge import check_new_folder
     from ..core.lora_model import LoraModel
     from ..base import load_model
 
     check_new_folder(args.out)
+    check_combine_options(args.method, args.rank, args.density, args.majority_sign)  # before loading the base
     specs = [_parse_weighted(s) for s in args.adapter]
     base_name = args.model or read_adapter(specs[0][1])[0].base_model_name_or_path
     if not base_name:

@@ -31,7 +31,7 @@ from .embedding_conv import LoraEmbedding
 from .layers import LoraLayer, LoraLinear
 from .task_merge import merge_tensors
 
-__all__ = ["combine_adapters", "COMBINE_METHODS"]
+__all__ = ["combine_adapters", "check_combine_options", "COMBINE_METHODS"]
 
 _PRUNING = TASK_MERGES[1:]  # ties, dare_linear, dare_ties, magnitude_prune
 
@@ -58,18 +58,11 @@ def _covering_targets(model: nn.Module, paths: list[str]) -> list[str]:
     return leaves if selected == set(paths) else paths
 
 
-def _check(configs: dict[str, LoraConfig], adapters: Sequence[str], weights: Sequence[float], new_name: str,
-           method: str, rank: int | None, density: float | None, sign_method: str) -> None:
-    validate_adapter_name(new_name)
+def check_combine_options(method: str, rank: int | None = None, density: float | None = None,
+                          sign_method: str = "total") -> None:
+    """Refuse a method/rank/density/sign combination that cannot work (before any model is loaded)."""
     if method not in COMBINE_METHODS:
         raise LorakitError(f"combine method must be one of {', '.join(COMBINE_METHODS)}, got {method!r}")
-    if new_name in configs:
-        raise LorakitError(f"adapter {new_name!r} already exists; pick another name or delete it first")
-    if len(adapters) != len(weights) or not adapters:
-        raise LorakitError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
-    missing = [a for a in adapters if a not in configs]
-    if missing:
-        raise LorakitError(f"unknown adapters {missing}; loaded: {list(configs)}")
     if rank is not None and rank <= 0:
         raise LorakitError(f"rank must be a positive integer, got {rank}")
     if method.endswith("svd") and rank is None:
@@ -83,6 +76,19 @@ def _check(configs: dict[str, LoraConfig], adapters: Sequence[str], weights: Seq
         raise LorakitError(f"density must be in (0, 1] (the fraction of entries kept), got {density}")
     if sign_method not in SIGN_METHODS:
         raise LorakitError(f"majority sign method must be one of {', '.join(SIGN_METHODS)}, got {sign_method!r}")
+
+
+def _check(configs: dict[str, LoraConfig], adapters: Sequence[str], weights: Sequence[float], new_name: str,
+           method: str, rank: int | None, density: float | None, sign_method: str) -> None:
+    validate_adapter_name(new_name)
+    check_combine_options(method, rank, density, sign_method)
+    if new_name in configs:
+        raise LorakitError(f"adapter {new_name!r} already exists; pick another name or delete it first")
+    if len(adapters) != len(weights) or not adapters:
+        raise LorakitError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
+    missing = [a for a in adapters if a not in configs]
+    if missing:
+        raise LorakitError(f"unknown adapters {missing}; loaded: {list(configs)}")
 
 
 def _check_layers(model: nn.Module, layers: list[tuple[str, LoraLayer]], adapters: Sequence[str], method: str) -> None:
