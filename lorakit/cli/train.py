@@ -58,13 +58,10 @@ def _fit_memory(cfg, main_rank: bool):
         return cfg  # an architecture the estimate does not model, or a model train will report on itself
     kind = device_kind(cfg.model.device)
     available = available_memory(kind) / (int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if kind == "cpu" else 1)
-    precision = planned_precision(cfg, kind)
-    if cfg.train.resume:
-        fit = fit_to_memory(shape, cfg, precision, OVERHEAD_BYTES[kind], float("inf"))
-        fit.available = available
-    else:
-        fit = fit_to_memory(shape, cfg, precision, OVERHEAD_BYTES[kind], available)
-        cfg = apply_fit(cfg, fit)
+    # a resumed run is only reported on: planned against unlimited memory, nothing changes
+    fit = fit_to_memory(shape, cfg, planned_precision(cfg, kind), OVERHEAD_BYTES[kind],
+                        float("inf") if cfg.train.resume else available)
+    cfg = apply_fit(cfg, fit)
     if main_rank:
         t = cfg.train
         print(f"memory: {t.batch_size} × {cfg.data.max_len} tokens per micro-batch × {t.grad_accum} = up to "

@@ -82,8 +82,9 @@ class DoraLinear:
             base_out, alone = base(x), False
         plain = base_out if bias is None else base_out - bias  # W·x
         scale = self.lora_magnitude[name] / self._dora_norm(name, x.dtype)  # differentiable in m only
-        h = F.linear(x if torch.is_autocast_enabled(x.device.type) else x.to(A.dtype), A)
-        if plain.dtype == B.dtype or torch.is_autocast_enabled(x.device.type):  # W·x + s·BA·x in one addmm
+        autocast = torch.is_autocast_enabled(x.device.type)
+        h = F.linear(x if autocast else x.to(A.dtype), A)  # (under autocast the matmul casts by itself)
+        if plain.dtype == B.dtype or autocast:  # W·x + s·BA·x in one addmm
             y = torch.addmm(plain.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), B.t(), alpha=s).view(plain.shape)
         else:
             y = plain + (F.linear(h, B) * s).to(plain.dtype)
@@ -98,17 +99,16 @@ class DoraLinear:
         step, a merge), so accumulation steps and every decoding step reuse it."""
         A, B, base, w = self.lora_A[name], self.lora_B[name], self.base_layer, self.base_layer.weight
         key = (A.data_ptr(), A._version, B.data_ptr(), B._version, w.data_ptr(), w._version, dtype, self.scaling[name])
-        cache = self.__dict__.setdefault("_dora_norms", {})
-        if name in cache and cache[name][0] == key:
-            return cache[name][1]
+        if name in self._dora_norms and self._dora_norms[name][0] == key:
+            return self._dora_norms[name][1]
         with torch.no_grad():  # the norm is a constant in backward; the frozen layer itself gives W·Aᵀ
             bias = getattr(base, "bias", None)
             wa = base(A.detach().to(dtype))
             wa = (wa if bias is None else wa - bias).t()
-            if "_sq_norms" not in self.__dict__ or self.__dict__["_sq_norms"][0] != key[4:6]:
-                self.__dict__["_sq_norms"] = (key[4:6], self.dense_weight().float().pow(2).sum(1))  # ‖W‖²
-            norm = row_norm(self.__dict__["_sq_norms"][1], wa, A, B, self.scaling[name])
-        cache[name] = (key, norm)
+            if self._sq_norms is None or self._sq_norms[0] != key[4:6]:
+                self._sq_norms = (key[4:6], self.dense_weight().float().pow(2).sum(1))  # ‖W‖²
+            norm = row_norm(self._sq_norms[1], wa, A, B, self.scaling[name])
+        self._dora_norms[name] = (key, norm)
         return norm
 
     def _merged_weight(self, weight: Tensor, name: str) -> Tensor:

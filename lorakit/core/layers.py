@@ -64,7 +64,11 @@ class LoraLayer(nn.Module, ABC):
         self.lora_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude = nn.ParameterDict()  # DoRA adapters only (lorakit.core.dora)
-        self._dora_scales: dict[str, Tensor] = {}  # m/‖W + s·BA‖ of each merged DoRA adapter
+        # DoRA's state besides its parameters (lorakit.core.dora): m/‖W + s·BA‖ of each merged adapter,
+        # each adapter's norm with the versions it was computed at, and ‖W‖² per row with the weight's
+        self._dora_scales: dict[str, Tensor] = {}
+        self._dora_norms: dict[str, tuple[tuple, Tensor]] = {}
+        self._sq_norms: tuple[tuple, Tensor] | None = None
         self.r: dict[str, int] = {}
         self.alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -123,6 +127,7 @@ class LoraLayer(nn.Module, ABC):
             del store[name]
         if name in self.lora_magnitude:
             del self.lora_magnitude[name]
+        self._dora_norms.pop(name, None)
         for table in (self.r, self.alpha, self.scaling):
             del table[name]
         if name in self.active_adapters:

@@ -32,7 +32,6 @@ class MemoryFit:
     grad_accum: int
     grad_checkpointing: bool
     estimate: float  # bytes, the planned step's peak
-    available: float  # bytes
     changes: list[str] = field(default_factory=list)
 
 
@@ -92,7 +91,7 @@ def fit_to_memory(shape: ModelShape, cfg: Any, precision: str, overhead: float, 
             f"this run needs about {_gib(est)} even with a micro-batch of 1 row of {cfg.data.max_len} tokens and "
             f"gradient checkpointing, and {_gib(available)} is available ({int(HEADROOM * 100)}% of it may be "
             f"planned); {hint} or free memory (${MEMORY_ENV} overrides what the system reports)")
-    return MemoryFit(batch, accum, ckpt, est, available, changes)
+    return MemoryFit(batch, accum, ckpt, est, changes)
 
 
 def apply_fit(cfg: Any, fit: MemoryFit) -> Any:
