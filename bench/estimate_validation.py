@@ -27,6 +27,8 @@ CONFIGS = [
     ("smollm2 lora b1 s1024", "smollm2-135m", "lora", 16, 1, 1024, False),
     ("smollm2 lora b2 s1024 ckpt", "smollm2-135m", "lora", 16, 2, 1024, True),
     ("smollm2 full b1 s256", "smollm2-135m", "full", 0, 1, 256, False),
+    ("smollm2 full b1 s512 bf16", "smollm2-135m", "full", 0, 1, 512, False, "bf16"),
+    ("smollm2 freeze2 b2 s512 bf16", "smollm2-135m", "freeze", 0, 2, 512, False, "bf16"),
     ("smollm2 qlora b2 s512", "smollm2-135m", "qlora", 16, 2, 512, False),
     ("smollm2 lora b2 s512 bf16", "smollm2-135m", "lora", 16, 2, 512, False, "bf16"),
     ("smollm2 lora b1 s1024 bf16", "smollm2-135m", "lora", 16, 1, 1024, False, "bf16"),
@@ -85,6 +87,9 @@ if ckpt:
     model.enable_input_require_grads()
 if method in ("lora", "qlora"):
     model = get_lora_model(model, LoraConfig(r=r, alpha=2 * r, target_modules="all-linear", use_dora=dora)).model
+else:  # full/freeze as lorakit trains them: fp32 master weights, frozen blocks in the load dtype
+    from lorakit.core.full_tuning import FullTuning, select_trainable
+    FullTuning(model, select_trainable(model, method, 2), method)
 params = [p for p in model.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=1e-5)
 ids = torch.randint(0, cfg.vocab_size, (batch, seq))

@@ -120,6 +120,22 @@ def test_qlora_and_checkpointing_are_chosen_only_when_needed():
         recommend(_profile(), SMOL, "smollm2-135m", data, 50 * 2**20)
 
 
+def test_full_fine_tuning_is_proposed_for_large_data_when_it_fits():
+    data = DataConfig(path="train.jsonl")
+    big = recommend(_profile(n=150_000, p95=256), SMOL, "smollm2-135m", data, 64 * 2**30)
+    assert big.config["train"]["method"] == "full" and big.config["train"]["lr"] == 5e-5 and "lora" not in big.config
+    assert big.estimate.settings["method"] == "full" and big.estimate.trainable_params == SMOL.total_params
+    reasons = {k: why for k, _, why in big.reasons}
+    assert "150,000 examples (≥ 100,000)" in reasons["train.method"] and not any(k.startswith("lora.") for k in reasons)
+    assert big.run_config().train.method == "full"
+    # 135M weights × (4 + 4 + 8 + 4) bytes do not fit 2 GiB: LoRA, and the reason says why
+    tight = recommend(_profile(n=150_000, p95=256), SMOL, "smollm2-135m", data, 2 * 2**30)
+    assert tight.config["train"].get("method") is None and tight.config["lora"]["r"] == 32
+    assert "full fine-tuning does not fit 2.00 GiB" in {k: why for k, _, why in tight.reasons}["train.method"]
+    small = recommend(_profile(), SMOL, "smollm2-135m", data, 64 * 2**30)
+    assert "2,000 examples (< 100,000)" in {k: why for k, _, why in small.reasons}["train.method"]
+
+
 def test_recommend_bad_input(tmp_path, capsys, tiny_model_dir):
     code = main(["recommend", "--data", str(tmp_path / "missing.jsonl"), "--model", str(tiny_model_dir),
                  "--out", str(tmp_path / "r.yaml")])

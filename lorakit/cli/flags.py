@@ -75,7 +75,7 @@ def flag_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def run_config(args: argparse.Namespace, demo: bool = True, extra: dict | None = None):
     """(RunConfig, uses_demo) as ``train`` builds it: defaults < demo settings (no data given and
     ``demo``) < ``--config FILE`` (Hugging Face names translated) < ``extra`` < the flags."""
-    from ..config import load_yaml, merge_nested, run_config_from_dict, translate_aliases
+    from ..config import WEIGHT_METHODS, load_yaml, merge_nested, run_config_from_dict, translate_aliases
     from ..data.demo import DEMO_OVERRIDES
 
     file_cfg: dict = {}
@@ -86,7 +86,11 @@ def run_config(args: argparse.Namespace, demo: bool = True, extra: dict | None =
     flags = merge_nested(extra or {}, flag_overrides(args))
     uses_demo = demo and "path" not in flags.get("data", {}) and "path" not in (file_cfg.get("data") or {})
     layers = merge_nested({}, DEMO_OVERRIDES) if uses_demo else {}
-    layers = merge_nested(merge_nested(layers, file_cfg), flags)
+    user = merge_nested(merge_nested({}, file_cfg), flags)
+    if uses_demo and (user.get("train") or {}).get("method") in WEIGHT_METHODS and "lr" not in (user.get("train") or {}):
+        # the demo's rate is an adapter's; full/freeze take their own default
+        layers["train"] = {k: v for k, v in layers["train"].items() if k != "lr"}
+    layers = merge_nested(layers, user)
     return run_config_from_dict(layers, args.config or "flags"), uses_demo
 
 

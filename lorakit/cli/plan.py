@@ -29,8 +29,8 @@ def _add_estimate(p: argparse.ArgumentParser) -> None:
 
     # The run flags of `lorakit train` (same names, same config layers): estimate the run they describe.
     add_run_flags(p)
-    p.add_argument("--method", default="lora", choices=["full", "lora", "qlora"],
-                   help="full fine-tuning, LoRA, or QLoRA (= --quantize nf4)")
+    p.add_argument("--method", default=None, choices=["lora", "dora", "qlora", "full", "freeze"],
+                   help="= --train.method (qlora: lora with --quantize nf4)")
     p.add_argument("--device-memory", default=None, metavar="SIZE", help="e.g. 24GB: say whether it fits, and the largest batch/seq")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     # Old spellings, kept for one release (each says its new name when used).
@@ -68,6 +68,8 @@ def _estimate_config(args: argparse.Namespace):
         setattr(args, "short:train.optimizer", None)
     if args.method == "qlora" and getattr(args, "short:model.quantize", None) is None:
         extra.setdefault("model", {})["quantize"] = "nf4"
+    if args.method not in (None, "qlora"):
+        extra.setdefault("train", {})["method"] = args.method
     cfg, _ = run_config(args, demo=False, extra=extra)
     return cfg, optimizer or cfg.train.optimizer
 
@@ -105,19 +107,17 @@ def planned_precision(cfg, kind: str) -> str:
 def _cmd_estimate(args: argparse.Namespace) -> int:
     from ..base import load_model_config
     from ..errors import LorakitError
-    from ..planning.estimate import estimate_memory, format_estimate, parse_size, shape_from_config
+    from ..planning.estimate import format_estimate, parse_size, shape_from_config
+    from ..planning.fit import estimate_run
 
     cfg, optimizer = _estimate_config(args)
     if cfg.model.quantize == "int8":
         raise LorakitError("estimate models 4-bit bases (--quantize nf4 or fp4); int8 is not estimated yet")
-    method = "qlora" if cfg.model.quantize != "none" else args.method
     memory = parse_size(args.device_memory) if args.device_memory else None
     kind = device_kind(cfg.model.device)
     shape = shape_from_config(load_model_config(cfg.model.name))
-    est = estimate_memory(shape, method, cfg.lora.r, cfg.lora.target_modules or "all-linear", cfg.train.batch_size,
-                          cfg.data.max_len, cfg.train.grad_checkpointing, planned_precision(cfg, kind), optimizer,
-                          cfg.model.double_quant, overhead_bytes=OVERHEAD_BYTES[kind], device_memory=memory,
-                          dora=cfg.lora.use_dora)
+    est = estimate_run(shape, cfg, planned_precision(cfg, kind), OVERHEAD_BYTES[kind], device_memory=memory,
+                       optimizer=optimizer)
     if args.json:
         print(json.dumps({"model": cfg.model.name, **est.to_dict()}, indent=2))
         return 0

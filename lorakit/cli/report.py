@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import RunConfig
+from ..config import WEIGHT_METHODS, RunConfig
 
 __all__ = ["print_train_summary"]
 
@@ -17,7 +17,10 @@ def print_train_summary(result, cfg: RunConfig) -> None:
     r = result
     print()
     print(f"run folder:   {r.out_dir}")
-    print(f"adapter:      {r.adapter_dir}  (PEFT format)")
+    if cfg.train.method in WEIGHT_METHODS:
+        print(f"model:        {r.adapter_dir}  ({'checkpoint: resume to finish' if r.interrupted else 'transformers folder, float32'})")
+    else:
+        print(f"adapter:      {r.adapter_dir}  (PEFT format)")
     print(f"steps:        {r.steps}   tokens seen: {r.tokens:,d}   training: {r.train_s:.0f}s   whole run: {r.wall_s:.0f}s")
     print(f"throughput:   {r.tokens_per_s:.0f} tokens/s   peak memory: {r.peak_memory_mb:.0f} MiB   final train loss: {r.final_loss:.4f}")
     if r.peak_flops > 0:
@@ -27,7 +30,8 @@ def print_train_summary(result, cfg: RunConfig) -> None:
         return
     rows = [("eval loss", "eval_loss", ""), ("perplexity", "eval_ppl", ""), ("exact match", "exact_match", "%")]
     print()
-    print(f"  {'held-out':<14}{'base':>12}{'with adapter':>16}")
+    trained = "fine-tuned" if cfg.train.method in WEIGHT_METHODS else "with adapter"
+    print(f"  {'held-out':<14}{'base':>12}{trained:>16}")
     for label, key, unit in rows:
         if key in r.after or key in r.before:
             print(f"  {label:<14}{_fmt(r.before.get(key), unit):>12}{_fmt(r.after.get(key), unit):>16}")
@@ -36,4 +40,4 @@ def print_train_summary(result, cfg: RunConfig) -> None:
         for q, base, new in r.samples:
             print(f"  Q: {q!r}")
             print(f"     base:    {base!r}")
-            print(f"     adapter: {new!r}")
+            print(f"     {('tuned:' if cfg.train.method in WEIGHT_METHODS else 'adapter:'):<9}{new!r}")

@@ -12,14 +12,16 @@ from .fields import field_docs
 from .rank_schedule import parse_rank_schedule
 
 __all__ = ["LoraConfig", "ModelConfig", "DataConfig", "TrainConfig", "RunConfig", "SECTIONS", "BIAS_CHOICES", "DEFAULT_MODEL",
-           "QUANT_CHOICES", "QUANT_ROUNDINGS", "METHODS", "TASK_MERGES", "COMBINE_METHODS", "SIGN_METHODS", "OPTIMIZERS", "SCHEDULES", "DTYPE_CHOICES", "PRECISIONS", "INIT_CHOICES",
+           "QUANT_CHOICES", "QUANT_ROUNDINGS", "METHODS", "WEIGHT_METHODS", "ADAPTER_LR", "WEIGHT_LR", "TASK_MERGES", "COMBINE_METHODS", "SIGN_METHODS", "OPTIMIZERS", "SCHEDULES", "DTYPE_CHOICES", "PRECISIONS", "INIT_CHOICES",
            "valid_init", "one_of"]
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 QUANT_CHOICES = ("none", "nf4", "fp4", "int8")
 QUANT_ROUNDINGS = ("nearest", "gptq")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
-METHODS = ("lora", "dora")  # train.method
+METHODS = ("lora", "dora", "full", "freeze")  # train.method
+WEIGHT_METHODS = ("full", "freeze")  # methods that train the model's own weights (no adapter)
+ADAPTER_LR, WEIGHT_LR = 2e-4, 5e-5  # train.lr when unset: adapters, and full/freeze tuning
 DEFAULT_MODEL = "smollm2-135m"  # the embedded SmolLM2-135M-Instruct (lorakit.base.source)
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # weights and compute dtypes (torch's names)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # training precision (autocast)
@@ -210,9 +212,15 @@ class TrainConfig:
     out_dir: str = "runs/lorakit"
     """Run folder: adapter/, checkpoints/, metrics.jsonl, loss.png, config.yaml."""
     method: str = "lora"
-    """What trains: lora (A and B) | dora (DoRA: A, B and a per-output magnitude; same as lora.use_dora true)."""
-    lr: float = 2e-4
-    """Peak learning rate (AdamW)."""
+    """What trains: lora (A and B) | dora (DoRA: A, B and a per-output magnitude; same as lora.use_dora true) | full (the model's own weights, in fp32 master copies; saves a transformers folder) | freeze (only the last train.freeze_layers decoder blocks, as full)."""
+    freeze_layers: int = 2
+    """freeze: how many of the last decoder blocks train (negative: the first |N| blocks)."""
+    trainable_modules: Union[list[str], str, None] = None
+    """full/freeze: only these modules train (names or '.suffix' matches, or a regex), inside the trained blocks for freeze; None: all of them."""
+    freeze_embeddings: bool = False
+    """full: keep the input embeddings and the output head frozen (a large share of a small model's weights)."""
+    lr: Union[float, None] = None
+    """Peak learning rate (AdamW); unset: 2e-4 for lora/dora, 5e-5 for full/freeze (their weights move at a tenth of an adapter's rate)."""
     optimizer: str = "adamw"
     """adamw | adamw8bit (8-bit states, bitsandbytes) | paged_adamw8bit (CUDA paging; plain 8-bit on CPU)."""
     lora_plus_ratio: float = 0.0
@@ -266,15 +274,33 @@ class TrainConfig:
     rank_patience: int = 2
     """Plateau schedule: evaluations without a 1% eval-loss improvement before the rank grows."""
 
+    @property
+    def peak_lr(self) -> float:
+        """train.lr, or the method's default when it is unset."""
+        if self.lr is not None:
+            return float(self.lr)
+        return WEIGHT_LR if self.method in WEIGHT_METHODS else ADAPTER_LR
+
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise LorakitError(f"train.lr must be positive, got {self.lr}")
+        if isinstance(self.lr, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                self.lr = float(self.lr)
+            except ValueError:
+                raise LorakitError(f"train.lr must be a number, got {self.lr!r}") from None
+        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or self.lr <= 0):
+            raise LorakitError(f"train.lr must be positive, got {self.lr!r}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise LorakitError("train.batch_size and train.grad_accum must be at least 1")
         if self.schedule not in SCHEDULES:
             raise LorakitError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.method not in METHODS:
             raise LorakitError(f"train.method must be {one_of(METHODS)}, got {self.method!r}")
+        if self.freeze_layers == 0:
+            raise LorakitError("train.freeze_layers 0 trains nothing; give the number of last blocks to train (e.g. 2)")
+        if isinstance(self.trainable_modules, list) and not self.trainable_modules:
+            raise LorakitError("train.trainable_modules is an empty list; leave it unset to train every module")
+        if isinstance(self.trainable_modules, str):
+            _check_regex(self.trainable_modules, "train.trainable_modules")
         if self.optimizer not in OPTIMIZERS:
             raise LorakitError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.precision not in PRECISIONS:
@@ -301,12 +327,29 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.train.method == "dora":
             self.lora.use_dora = True
+        if self.train.method in WEIGHT_METHODS:
+            _check_weight_method(self)
         if self.lora.init == "eora" and self.model.quantize not in ("nf4", "fp4"):
             raise LorakitError(f"lora.init eora corrects a 4-bit base's rounding error: it needs model.quantize nf4 or "
                                f"fp4 (got {self.model.quantize!r})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _check_weight_method(cfg: RunConfig) -> None:
+    """Options that only mean something for an adapter are refused with full/freeze tuning."""
+    method, t = cfg.train.method, cfg.train
+    refused = [("model.quantize", cfg.model.quantize != "none", "a quantized base cannot train its weights; QLoRA is "
+                "--train.method lora with --model.quantize nf4"),
+               ("lora.use_dora", cfg.lora.use_dora, "DoRA is an adapter: --train.method dora"),
+               ("train.rank_schedule", t.rank_schedule is not None, "a rank schedule grows an adapter"),
+               ("train.lora_plus_ratio", t.lora_plus_ratio > 0, "LoRA+ sets B's learning rate"),
+               ("train.fsdp", t.fsdp, "FSDP runs shard adapters only for now"),
+               ("lora.init", cfg.lora.init != "default", "the init is an adapter's")]
+    for key, bad, why in refused:
+        if bad:
+            raise LorakitError(f"train.method {method} trains the model's own weights and cannot use {key}: {why}")
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "train": TrainConfig}

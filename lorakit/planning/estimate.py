@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import LorakitError
 
-__all__ = ["ModelShape", "shape_from_config", "Estimate", "estimate_memory", "parse_size",
+__all__ = ["ModelShape", "shape_from_config", "Estimate", "estimate_memory", "parse_size", "ESTIMATE_METHODS",
            "BITS_NF4_DOUBLE_QUANT", "BITS_NF4"]
 
 # 4-bit NF4: blocks of 64 weights share one absmax. As an fp32 scale that is 32/64 = 0.5 extra
@@ -157,14 +157,36 @@ def _activation_bytes_per_token(s: ModelShape, act_bytes: int, r: int, n_adapted
     return s.layers * per_layer_bytes
 
 
+ESTIMATE_METHODS = ("lora", "qlora", "full", "freeze")
+
+
+def _weight_method(comp: dict[str, float], s: ModelShape, method: str, freeze_layers: int, wb: int) -> tuple[int, int]:
+    """A full/freeze run's weights: (trainable, frozen) parameter counts, their bytes into ``comp``.
+    Trained weights are fp32 master copies; under 16-bit autocast each also has a cached 16-bit
+    copy while the step runs. Freeze trains |freeze_layers| decoder blocks (linears and 2 norms each)."""
+    if method == "full":
+        trainable = s.total_params
+    else:
+        trainable = min(abs(freeze_layers), s.layers) * (s.layer_linear_params + 2 * s.hidden)
+    frozen = s.total_params - trainable
+    comp["trained weights (fp32 master copies)"] = trainable * 4
+    if wb < 4:
+        comp["autocast copies of the trained weights"] = trainable * wb
+    if frozen:
+        comp[f"frozen weights ({'fp32' if wb == 4 else 'bf16'})"] = frozen * wb
+    return trainable, frozen
+
+
 def estimate_memory(s: ModelShape, method: str = "lora", r: int = 16, targets: list[str] | str = "all-linear",
                     batch: int = 4, seq: int = 1024, grad_ckpt: bool = False, dtype: str = "fp32",
                     optimizer: str = "adamw", double_quant: bool = True, label_fraction: float = 1.0,
                     chunked_loss: bool = True, overhead_bytes: float | None = None,
-                    device_memory: float | None = None, dora: bool = False) -> Estimate:
-    """Memory for one training step of ``batch`` rows of ``seq`` tokens."""
-    if method not in ("full", "lora", "qlora"):
-        raise LorakitError(f"method must be full, lora or qlora, got {method!r}")
+                    device_memory: float | None = None, dora: bool = False, freeze_layers: int = 2) -> Estimate:
+    """Memory for one training step of ``batch`` rows of ``seq`` tokens. ``method`` full/freeze:
+    the model's own weights train (freeze: ``freeze_layers`` decoder blocks), as lorakit trains
+    them (fp32 master weights, lorakit.core.full_tuning)."""
+    if method not in ESTIMATE_METHODS:
+        raise LorakitError(f"method must be {', '.join(ESTIMATE_METHODS[:-1])} or {ESTIMATE_METHODS[-1]}, got {method!r}")
     if dtype not in _BYTES:
         raise LorakitError(f"dtype must be fp32, bf16 or fp16, got {dtype!r}")
     if optimizer not in _OPTIMIZER_BYTES:
@@ -179,10 +201,9 @@ def estimate_memory(s: ModelShape, method: str = "lora", r: int = 16, targets: l
     other = s.total_params - linear
     comp: dict[str, float] = {}
     adapter_by_type: dict[str, dict[str, float]] = {}
-    if method == "full":
-        trainable = s.total_params
-        comp["weights (trainable)"] = trainable * wb
-        frozen = 0
+    weights_train = method in ("full", "freeze")
+    if weights_train:
+        trainable, frozen = _weight_method(comp, s, method, freeze_layers, wb)
     else:
         for n in names:
             i, o = s.linears[n]
@@ -198,15 +219,16 @@ def estimate_memory(s: ModelShape, method: str = "lora", r: int = 16, targets: l
         else:
             comp[f"frozen weights ({dtype})"] = frozen * wb
         comp["adapter parameters (fp32)"] = trainable * 4
-    grad_bytes = 4 if method != "full" else wb
-    comp["gradients"] = trainable * grad_bytes
+    comp["gradients (fp32)"] = trainable * 4
     comp[f"optimizer state ({optimizer})"] = trainable * _OPTIMIZER_BYTES[optimizer]
     tokens = batch * seq
     act_b = 4 if dtype == "fp32" else 2
-    dora_outs = sum(s.linears[n][1] for n in names) if dora and method != "full" else 0
-    comp["activations"] = tokens * _activation_bytes_per_token(s, act_b, r if method != "full" else 0,
-                                                                len(names) if method != "full" else 0, grad_ckpt,
-                                                                dora_outs)
+    dora_outs = sum(s.linears[n][1] for n in names) if dora and not weights_train else 0
+    per_token = _activation_bytes_per_token(s, act_b, 0 if weights_train else r, 0 if weights_train else len(names),
+                                            grad_ckpt, dora_outs)
+    if method == "freeze":  # only the trained blocks keep activations (no gradient reaches the others)
+        per_token *= min(abs(freeze_layers), s.layers) / s.layers
+    comp["activations"] = tokens * per_token
     labels = max(1, int(tokens * label_fraction))
     if chunked_loss:
         # One chunk of fp32 logits (log-sum-exp and softmax are taken in place, and one chunk is
@@ -219,7 +241,8 @@ def estimate_memory(s: ModelShape, method: str = "lora", r: int = 16, targets: l
     comp["framework overhead"] = overhead_bytes if overhead_bytes is not None else 0.0
     est = Estimate(comp, trainable, frozen, adapter_by_type,
                    dict(method=method, r=r, targets=names, batch=batch, seq=seq, grad_ckpt=grad_ckpt, dtype=dtype,
-                        optimizer=optimizer, double_quant=double_quant, dora=dora), device_memory)
+                        optimizer=optimizer, double_quant=double_quant, dora=dora,
+                        **({"freeze_layers": freeze_layers} if method == "freeze" else {})), device_memory)
     if device_memory is not None:
         fixed = est.total - comp["activations"] - comp[loss_key]
         per_token = comp["activations"] / tokens
@@ -234,7 +257,13 @@ def estimate_memory(s: ModelShape, method: str = "lora", r: int = 16, targets: l
 def format_estimate(e: Estimate) -> str:
     gib = 2 ** 30
     st = e.settings
-    lines = [f"{st['method']}{' (DoRA)' if st.get('dora') else ''} r={st['r']} batch={st['batch']} seq={st['seq']} dtype={st['dtype']} "
+    if st["method"] == "full":
+        what = "full fine-tuning"
+    elif st["method"] == "freeze":
+        what = f"freeze ({abs(st['freeze_layers'])} blocks train)"
+    else:
+        what = f"{st['method']}{' (DoRA)' if st.get('dora') else ''} r={st['r']}"
+    lines = [f"{what} batch={st['batch']} seq={st['seq']} dtype={st['dtype']} "
              f"optimizer={st['optimizer']} grad_ckpt={st['grad_ckpt']}",
              f"trainable params: {e.trainable_params:,d}   frozen params: {e.frozen_params:,d}", ""]
     if e.adapter_by_type:

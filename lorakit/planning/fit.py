@@ -20,7 +20,8 @@ from typing import Any
 from ..errors import LorakitError
 from .estimate import ModelShape, estimate_memory, parse_size
 
-__all__ = ["MemoryFit", "fit_to_memory", "apply_fit", "available_memory", "HEADROOM", "MEMORY_ENV"]
+__all__ = ["MemoryFit", "fit_to_memory", "apply_fit", "available_memory", "estimate_method", "estimate_run", "HEADROOM",
+           "MEMORY_ENV"]
 
 HEADROOM = 0.9  # the fraction of the available memory a run may plan to use
 MEMORY_ENV = "LORAKIT_AVAILABLE_MEMORY"  # e.g. 8GB: plan for this much instead of what the system reports
@@ -49,14 +50,28 @@ def available_memory(device_kind: str) -> float:
     return float(psutil.virtual_memory().available)
 
 
+def estimate_method(cfg: Any) -> str:
+    """The estimate's method for a RunConfig: full | freeze | qlora (a 4-bit base) | lora (and DoRA)."""
+    if cfg.train.method in ("full", "freeze"):
+        return cfg.train.method
+    return "qlora" if cfg.model.quantize in ("nf4", "fp4") else "lora"
+
+
+def estimate_run(shape: ModelShape, cfg: Any, precision: str, overhead: float, batch: int | None = None,
+                 ckpt: bool | None = None, device_memory: float | None = None, optimizer: str | None = None):
+    """The estimate of the step RunConfig ``cfg`` describes (``batch``/``ckpt`` override its own)."""
+    optimizer = optimizer or ("adamw8bit" if cfg.train.optimizer.endswith("adamw8bit") else "adamw")
+    targets = cfg.lora.target_modules if isinstance(cfg.lora.target_modules, list) else "all-linear"  # a regex: the upper bound
+    return estimate_memory(shape, estimate_method(cfg), cfg.lora.r, targets,
+                           cfg.train.batch_size if batch is None else batch, cfg.data.max_len,
+                           cfg.train.grad_checkpointing if ckpt is None else ckpt, precision, optimizer,
+                           cfg.model.double_quant, overhead_bytes=overhead, device_memory=device_memory,
+                           dora=cfg.lora.use_dora, freeze_layers=cfg.train.freeze_layers)
+
+
 def _estimate(shape: ModelShape, cfg: Any, precision: str, overhead: float, batch: int, ckpt: bool,
               device_memory: float | None = None):
-    method = "qlora" if cfg.model.quantize in ("nf4", "fp4") else "lora"
-    optimizer = "adamw8bit" if cfg.train.optimizer.endswith("adamw8bit") else "adamw"
-    targets = cfg.lora.target_modules if isinstance(cfg.lora.target_modules, list) else "all-linear"  # a regex: the upper bound
-    return estimate_memory(shape, method, cfg.lora.r, targets, batch, cfg.data.max_len,
-                           ckpt, precision, optimizer, cfg.model.double_quant, overhead_bytes=overhead,
-                           device_memory=device_memory, dora=cfg.lora.use_dora)
+    return estimate_run(shape, cfg, precision, overhead, batch, ckpt, device_memory)
 
 
 def _gib(x: float) -> str:

@@ -5,7 +5,9 @@ The rules are the common LoRA practice the seeds teach — rank by data size (8 
 from r = 32, every linear layer for long or multi-turn answers (attention q/v for short single
 answers), ``max_len`` from the 95th percentile of the tokenized lengths, an effective batch of
 about 16 within the memory the estimator gives, and a 4-bit base when the float weights do not
-fit — each choice printed with its reason and written as a YAML that ``lorakit train`` runs.
+fit; full fine-tuning instead of LoRA when the data is large (100k examples or more) and every
+weight, with its fp32 master copy and optimizer state, fits — each choice printed with its reason
+and written as a YAML that ``lorakit train`` runs.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import DataConfig, RunConfig, run_config_from_dict
+from ..config import WEIGHT_LR, DataConfig, RunConfig, run_config_from_dict
 from ..errors import LorakitError
 from .estimate import Estimate, ModelShape, estimate_memory
 
 __all__ = ["DataProfile", "profile_data", "Recommendation", "recommend", "format_recommendation", "default_memory"]
 
 TARGET_BATCH = 16  # effective batch (rows × accumulation) the recommendation aims for
+FULL_MIN_EXAMPLES = 100_000  # data from which full fine-tuning is proposed, when it fits
 _ATTENTION_QV = ("q_proj", "v_proj", "c_attn", "query_key_value", "qkv_proj")
 
 
@@ -148,8 +151,9 @@ def _length_rules(profile: DataProfile, max_positions: int | None, why: _Reasons
 
 def _memory_rules(profile: DataProfile, shape: ModelShape, lora: dict[str, Any], max_len: int, device_memory: float,
                   memory_source: str, dtype: str, why: _Reasons) -> tuple[str, bool, int, Estimate]:
-    """The cheapest setting that fits (LoRA, + checkpointing, QLoRA, + checkpointing), then the
-    largest power-of-two batch: (method, checkpointing, batch, the estimate at that batch)."""
+    """The first setting that fits (with data of FULL_MIN_EXAMPLES or more: full fine-tuning, +
+    checkpointing; then LoRA, + checkpointing, QLoRA, + checkpointing), then the largest
+    power-of-two batch: (method, checkpointing, batch, the estimate at that batch)."""
     targets = lora["target_modules"] if isinstance(lora["target_modules"], list) else "all-linear"
 
     def estimate(method: str, ckpt: bool, batch: int) -> Estimate:
@@ -157,7 +161,9 @@ def _memory_rules(profile: DataProfile, shape: ModelShape, lora: dict[str, Any],
                                label_fraction=profile.label_fraction, device_memory=device_memory)
 
     gib, where = 2 ** 30, f" ({memory_source})" if memory_source else ""
-    for method, ckpt in (("lora", False), ("lora", True), ("qlora", False), ("qlora", True)):
+    large = profile.examples >= FULL_MIN_EXAMPLES
+    candidates = [("full", False), ("full", True)] if large else []
+    for method, ckpt in (*candidates, ("lora", False), ("lora", True), ("qlora", False), ("qlora", True)):
         est = estimate(method, ckpt, 1)
         if est.fits:
             break
@@ -165,9 +171,17 @@ def _memory_rules(profile: DataProfile, shape: ModelShape, lora: dict[str, Any],
         raise LorakitError(f"even QLoRA with gradient checkpointing at batch 1 × {max_len} tokens needs "
                            f"{est.total / gib:.2f} GiB, more than {device_memory / gib:.2f} GiB{where}; "
                            "lower data.max_len or use a device with more memory")
+    if method == "full":
+        why("train.method", "full", f"{profile.examples:,} examples (≥ {FULL_MIN_EXAMPLES:,}) and every weight with its "
+            f"fp32 master copy and AdamW state fits {device_memory / gib:.2f} GiB{where}: full fine-tuning has the "
+            "data to use its capacity")
+    else:
+        why("train.method", "lora", (f"full fine-tuning does not fit {device_memory / gib:.2f} GiB{where}" if large else
+                                     f"{profile.examples:,} examples (< {FULL_MIN_EXAMPLES:,}): LoRA comes within about "
+                                     "a point of full fine-tuning at a fraction of its memory"))
     why("model.quantize", "nf4" if method == "qlora" else "none",
         f"{dtype} weights do not fit {device_memory / gib:.2f} GiB{where}: 4-bit NF4 base" if method == "qlora"
-        else f"{dtype} LoRA fits {device_memory / gib:.2f} GiB{where}")
+        else f"{dtype} {'weights' if method == 'full' else 'LoRA'} fit {device_memory / gib:.2f} GiB{where}")
     why("train.grad_checkpointing", ckpt, "needed to fit: recompute activations in backward" if ckpt
         else "not needed: activations fit")
     batch = 1
@@ -191,7 +205,12 @@ def recommend(profile: DataProfile, shape: ModelShape, model_name: str, data: Da
     epochs = 3 if profile.examples < 1_000 else 2 if profile.examples < 10_000 else 1
     why("train.epochs", epochs, f"{profile.examples:,} examples: fewer passes as the data grows")
     r = lora["r"]
-    lr = why("train.lr", 1e-4 if r >= 64 else 2e-4, "2e-4, the common LoRA rate" + ("; 1e-4 at r ≥ 64" if r >= 64 else ""))
+    if method == "full":
+        lr = why("train.lr", WEIGHT_LR, "full fine-tuning moves the weights themselves: a few times below LoRA's 2e-4")
+        reasons = [x for x in why if not x[0].startswith("lora.")]  # no adapter
+    else:
+        lr = why("train.lr", 1e-4 if r >= 64 else 2e-4, "2e-4, the common LoRA rate" + ("; 1e-4 at r ≥ 64" if r >= 64 else ""))
+        reasons = list(why)
     model = {"name": model_name, **({"quantize": "nf4"} if method == "qlora" else {})}
     data_section: dict[str, Any] = {"path": data.path, "max_len": max_len, "packing": packing}
     for key in ("format", "columns", "template"):
@@ -200,11 +219,11 @@ def recommend(profile: DataProfile, shape: ModelShape, model_name: str, data: Da
     config = {
         "model": model,
         "data": data_section,
-        "lora": lora,
-        "train": {"lr": lr, "batch_size": batch, "grad_accum": accum, "epochs": epochs, "grad_checkpointing": ckpt,
-                  "out_dir": out_dir},
+        **({} if method == "full" else {"lora": lora}),
+        "train": {**({"method": "full"} if method == "full" else {}), "lr": lr, "batch_size": batch,
+                  "grad_accum": accum, "epochs": epochs, "grad_checkpointing": ckpt, "out_dir": out_dir},
     }
-    return Recommendation(config, list(why), final)
+    return Recommendation(config, reasons, final)
 
 
 def format_recommendation(rec: Recommendation, profile: DataProfile) -> str:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import QUANT_ROUNDINGS
+from ..core.blocks import decoder_blocks
 from ..errors import LorakitError
 from .hessian import damped
 
@@ -132,17 +133,6 @@ def collect_hessians(model: nn.Module, names: list[str], batches: Iterable) -> t
     finally:
         hessians = hooks.close(tokens)
     return hessians, tokens
-
-
-def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The model's stack of decoder blocks: the ModuleList holding the most linear layers."""
-    best = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1:
-            count = sum(1 for m in module.modules() if type(m) is nn.Linear)
-            if count and (best is None or count > best[2]):
-                best = (name, module, count)
-    return (best[0], best[1]) if best else None
 
 
 def _quantize_layer(model: nn.Module, name: str, hessian: Tensor | None, spec, device, code: Tensor | None,
@@ -262,7 +252,7 @@ def calibrated_quantize(model: nn.Module, spec, batches: list, device=None, budg
     require_bnb()
     t0 = time.perf_counter()
     code = four_bit_code(spec.method) if rounding == "gptq" else None
-    stack = decoder_blocks(model) if by_block else None
+    stack = decoder_blocks(model, conv1d=False) if by_block else None
     if stack is not None:
         layers, tokens = _block_by_block(model, stack, spec, batches, device, code, residual_rank)
         release_freed_memory()

@@ -2,7 +2,8 @@
 kill during the write never damages the previous checkpoint.
 
 ``<out>/checkpoints/step-00000060/`` holds
-- ``adapter/``: the adapter in PEFT's format (loadable on its own);
+- ``adapter/``: the adapter in PEFT's format (loadable on its own); a full or freeze run has
+  ``model/trained.safetensors`` instead: the trained tensors, in fp32;
 - ``trainer_state.pt``: optimizer and scheduler state, RNG states (read back with
   ``torch.load(weights_only=True)``: tensors and plain Python values only, never arbitrary objects);
 - ``progress.json``: step, data position, tokens seen;
@@ -70,13 +71,14 @@ def _tuplify(x):
 
 
 def save_checkpoint(out_dir: Path, progress: Progress, write_adapter, trainer_state: dict[str, Any],
-                    config_yaml: str, keep_last: int, need_bytes: int | None = None) -> Path:
-    """Write a checkpoint atomically and prune old ones; ``write_adapter(folder)`` saves the adapter.
+                    config_yaml: str, keep_last: int, need_bytes: int | None = None, part: str = "adapter") -> Path:
+    """Write a checkpoint atomically and prune old ones; ``write_adapter(folder)`` saves the adapter
+    (or, ``part`` "model", a full/freeze run's trained tensors) into the checkpoint's ``part`` folder.
     A full disk raises ``DiskFull`` and leaves the earlier checkpoints as they were."""
     final = checkpoint_dir(out_dir, progress.step)
     remove_stale(final.parent, "step-*")  # left by a run killed mid-write
     with atomic_dir(final, need_bytes=need_bytes) as tmp:
-        write_adapter(tmp / "adapter")
+        write_adapter(tmp / part)
         torch.save(trainer_state, tmp / "trainer_state.pt")
         (tmp / "config.yaml").write_text(config_yaml)
         # progress.json last: a folder without it is never taken for a checkpoint.

@@ -24,6 +24,7 @@ import torch
 from ..atomic import atomic_dir, disk_size
 from ..base import cache_root, resolve_device
 from ..config import RunConfig, dump_yaml
+from ..core.full_tuning import FullTuning
 from ..core.lora_model import LoraModel
 from ..core.sharded import full_tensor
 from ..data.dataset import Prepared, prepare_data
@@ -34,12 +35,12 @@ from ..ops.loss import causal_lm_loss_sum
 from .checkpoint import Progress, rng_state, save_checkpoint
 from .distributed import DistContext, init_distributed
 from .evaluate import eval_loss, evaluate_adapter
-from .model_card import data_summary, describe_adapter
+from .model_card import data_summary, describe_adapter, describe_model
 from .rank_schedule import PlateauTracker, grow_adapter_rank
 from .runlog import NullLog, RunLog, peak_memory_mb
 from .mfu import matmul_peak_flops, mfu, train_flops_per_token
 from .setup import (BaseSetup, Optimization, RunPlan, calibrate_base, check_run, data_line, load_base, load_states,
-                    make_adapter, make_optimization, open_run_folder, restore)
+                    make_adapter, make_optimization, open_run_folder, output_name, restore)
 
 __all__ = ["train", "TrainResult"]
 
@@ -72,7 +73,7 @@ class Run:
     plan: RunPlan
     base: BaseSetup
     prepared: Prepared
-    lm: LoraModel
+    lm: LoraModel | FullTuning
     opt: Optimization
     progress: Progress
     plateau: PlateauTracker | None
@@ -91,8 +92,15 @@ class Run:
 
     def evaluate(self, base: bool = False) -> tuple[dict[str, float], list[str]]:
         t = self.cfg.train
-        return evaluate_adapter(self.lm, self.base.tokenizer, self.prepared, self.cfg.data.max_len, t.batch_size,
-                                t.eval_samples, self.base.device, base)
+        # A full/freeze model mixes fp32 trained and half-precision frozen weights: it runs under autocast.
+        with self.opt.autocast if isinstance(self.lm, FullTuning) else contextlib.nullcontext():
+            return evaluate_adapter(self.lm, self.base.tokenizer, self.prepared, self.cfg.data.max_len, t.batch_size,
+                                    t.eval_samples, self.base.device, base)
+
+    @property
+    def label(self) -> str:
+        """What the trained model is called in metrics.jsonl and the log: adapter | tuned."""
+        return "tuned" if isinstance(self.lm, FullTuning) else "adapter"
 
     def tokens_per_s(self) -> float:
         return (self.progress.tokens - self.tokens_at_start) / max(1e-9, time.perf_counter() - self.t_loop)
@@ -260,15 +268,14 @@ def _between_steps(run: Run) -> None:
     """What happens after a step: a scheduled rank growth, an evaluation (which may grow a stalled
     rank), a checkpoint."""
     step, t_cfg, schedule, total = run.progress.step, run.cfg.train, run.plan.schedule, run.opt.total_steps
-    rank = run.lm.configs["default"].r
-    if schedule is not None and schedule.steps is not None and schedule.rank_at(step) > rank:
+    if schedule is not None and schedule.steps is not None and schedule.rank_at(step) > run.lm.configs["default"].r:
         _grow(run, schedule.rank_at(step), "scheduled")
     if t_cfg.eval_every and step % t_cfg.eval_every == 0 and step < total:
         nxt = schedule.next_rank(run.lm.configs["default"].r) if run.plateau is not None else None
         stalled = 0.0
         if run.ctx.is_main or run.ctx.fsdp:  # a sharded model's forward needs every rank
             scores = run.evaluate()[0]
-            run.log.eval(step, scores)
+            run.log.eval(step, scores, label=run.label)
             stalled = float(nxt is not None and run.plateau.update(scores["eval_loss"]))
         if run.ctx.sum_values(stalled)[0]:  # rank 0's decision, on every rank
             _grow(run, nxt, f"eval loss stalled for {t_cfg.rank_patience} evaluations")
@@ -298,9 +305,20 @@ def _write_checkpoint(run: Run) -> Path | None:
     path = None
     if ctx.is_main:  # every rank holds the same adapter and optimizer state
         path = save_checkpoint(run.plan.out, run.progress, lambda d: run.lm.save_pretrained(d, states=states), state,
-                               run.config_yaml, run.cfg.train.keep_last, need_bytes=need)
+                               run.config_yaml, run.cfg.train.keep_last, need_bytes=need, part=output_name(run.lm))
     ctx.barrier()
     return path
+
+
+def _write_output(run: Run, folder: Path) -> None:
+    """The finished run's adapter (the last checkpoint's), or a full/freeze run's whole model."""
+    if isinstance(run.lm, FullTuning):
+        need = sum(4 * t.numel() for t in run.base.model.state_dict().values())
+        with atomic_dir(folder, need_bytes=need) as tmp:
+            run.lm.save_model(tmp)
+        return
+    with atomic_dir(folder, need_bytes=disk_size(run.last_good / folder.name)) as tmp:
+        shutil.copytree(run.last_good / folder.name, tmp, dirs_exist_ok=True)
 
 
 def _finish(run: Run, t_begin: float) -> TrainResult:
@@ -309,7 +327,8 @@ def _finish(run: Run, t_begin: float) -> TrainResult:
     interrupted = run.stop is not None
     run.last_good = _write_checkpoint(run)
     out, progress, device = run.plan.out, run.progress, run.base.device
-    adapter_dir = out / "adapter"
+    part = output_name(run.lm)
+    adapter_dir = out / part
 
     def result(**kw) -> TrainResult:
         return TrainResult(out, kw.pop("adapter", adapter_dir), progress.step, progress.tokens,
@@ -324,16 +343,20 @@ def _finish(run: Run, t_begin: float) -> TrainResult:
         run.log.close()
         run.echo(f"interrupted at step {progress.step}/{run.opt.total_steps}; checkpoint {run.last_good}. "
                  f"Continue with: lorakit train --config {out / 'config.yaml'} --train.resume latest")
-        return result(adapter=run.last_good / "adapter", before=run.before, interrupted=True)
-    with atomic_dir(adapter_dir, need_bytes=disk_size(run.last_good / "adapter")) as tmp:
-        shutil.copytree(run.last_good / "adapter", tmp, dirs_exist_ok=True)
+        return result(adapter=run.last_good / part, before=run.before, interrupted=True)
+    _write_output(run, adapter_dir)
     run.log.close()  # the bar's time is the loop's, not the evaluation's
     after, answers = run.evaluate()
-    run.log.eval(progress.step, after)
+    run.log.eval(progress.step, after, label=run.label)
     p = run.prepared
-    describe_adapter(adapter_dir, run.cfg, run.lm.configs["default"].base_model_name_or_path or run.cfg.model.name,
-                     run.base.tokenizer, data_summary(run.cfg, len(p.train), len(p.val), p.template), run.before, after,
-                     progress.step, progress.tokens, run.base.precision)
+    described = dict(cfg=run.cfg, tokenizer=run.base.tokenizer, before=run.before, after=after, steps=progress.step,
+                     data=data_summary(run.cfg, len(p.train), len(p.val), p.template), tokens=progress.tokens,
+                     precision=run.base.precision)
+    if isinstance(run.lm, FullTuning):
+        describe_model(adapter_dir, base=run.cfg.model.name, trained=run.lm.trainable_report()[0], **described)
+    else:
+        describe_adapter(adapter_dir, base=run.lm.configs["default"].base_model_name_or_path or run.cfg.model.name,
+                         **described)
     samples = []
     if p.val_chats and answers:
         base_answers = run.base_answers or [""] * len(answers)

@@ -1,10 +1,10 @@
-"""Model FLOPs utilisation of a LoRA training run: the matmul FLOPs a step must do per token,
+"""Model FLOPs utilisation of a training run: the matmul FLOPs a step must do per token,
 times tokens per second, over a large-matmul peak measured in the same process at start-up, in
 the precision the run computes in.
 
 Per token, every frozen linear layer of the decoder costs 2·W FLOPs forward and 2·W for the input
-gradient backward (no weight gradient): 4·W; each trainable factor costs 6·P (forward, input and
-weight gradients). The output head runs only on label positions (chunked loss) and attention's
+gradient backward (no weight gradient): 4·W (2·W when no gradient reaches it: a freeze run's first
+blocks); each trainable factor or trained weight costs 6·P (forward, input and weight gradients). The output head runs only on label positions (chunked loss) and attention's
 T² term is left out, so this slightly undercounts — the figure is conservative."""
 
 from __future__ import annotations
@@ -38,16 +38,28 @@ def matmul_peak_flops(dtype: torch.dtype, device: torch.device | str = "cpu", n:
 
 
 def train_flops_per_token(model: nn.Module) -> float:
-    """4·(frozen linear weights, the output head excluded) + 6·(trainable parameters)."""
+    """Matmul FLOPs per token of one training step: 6·W for a linear weight that trains, 4·W for a
+    frozen one that gradients pass through (anything trainable comes before it), 2·W for a frozen
+    one before every trainable parameter (forward only: a freeze run's first blocks). The output
+    head (label positions only) and non-matmul parameters (embeddings, norms, biases, DoRA's
+    magnitudes) are left out; an adapter's factors (matrices outside a linear layer) cost 6·P.
+    Modules are taken in registration order, which is the forward order of transformers' decoders;
+    an adapted layer's factors count as coming before its frozen weight."""
     head = getattr(model, "get_output_embeddings", lambda: None)()
     head_weight = getattr(getattr(head, "base_layer", head), "weight", None)
-    frozen = 0
+    total, upstream = 0.0, False  # upstream: a trainable parameter comes before this module
     for m in model.modules():
+        wrapped = getattr(m, "base_layer", None) is not None
+        if wrapped and any(p.requires_grad for p in m.parameters()):
+            upstream = True
+        if any(p.requires_grad for p in m.parameters(recurse=False)):
+            upstream = True
         w = getattr(m, "weight", None)
-        if isinstance(m, linear_types()) and w is not None and not w.requires_grad and w is not head_weight:
-            frozen += w.numel()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return 4.0 * frozen + 6.0 * trainable
+        if isinstance(m, linear_types()) and isinstance(w, torch.Tensor) and w is not head_weight:
+            total += (6.0 if w.requires_grad else 4.0 if upstream else 2.0) * w.numel()
+        elif not isinstance(m, (nn.Embedding, *linear_types())):  # an adapter's factors (ParameterDicts)
+            total += 6.0 * sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad and p.ndim >= 2)
+    return total
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_file
-from ..config import RunConfig
+from ..config import WEIGHT_METHODS, RunConfig
 
 __all__ = ["VLLM_RANKS", "vllm_max_lora_rank", "model_card", "write_model_card", "data_summary", "describe_adapter",
-           "CARD_NAME"]
+           "describe_model", "full_model_card", "CARD_NAME"]
 
 CARD_NAME = "README.md"
 # The --max-lora-rank values vLLM accepts (its default is 16).
@@ -26,24 +26,61 @@ def vllm_max_lora_rank(r: int) -> int | None:
     return next((v for v in VLLM_RANKS if v >= r), None)
 
 
-def _front_matter(base: str, license: str | None) -> str:
+def _front_matter(base: str, license: str | None, method: str = "lora") -> str:
     import yaml
 
-    meta: dict[str, Any] = {"base_model": base, "library_name": "peft"}
+    adapter = method not in WEIGHT_METHODS
+    meta: dict[str, Any] = {"base_model": base, "library_name": "peft" if adapter else "transformers"}
     if license:
         meta["license"] = license
     meta["pipeline_tag"] = "text-generation"
-    meta["tags"] = ["lorakit", "lora", "peft", f"base_model:adapter:{base}"]
+    meta["tags"] = (["lorakit", "lora", "peft", f"base_model:adapter:{base}"] if adapter
+                    else ["lorakit", f"{method}-fine-tuning", f"base_model:finetune:{base}"])
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
-def _eval_table(before: dict[str, float], after: dict[str, float]) -> list[str]:
+def _eval_table(before: dict[str, float], after: dict[str, float], trained: str = "with adapter") -> list[str]:
     rows = [(label, key, fmt) for label, key, fmt in _METRICS if key in before or key in after]
     if not rows:
         return ["No held-out evaluation was run (data.val_size 0 and no data.eval_path)."]
     show = lambda d, k, f: f.format(d[k]) if k in d and d[k] == d[k] else "–"  # noqa: E731 (nan: not measured)
-    return (["| held-out | base | with adapter |", "|---|---:|---:|"]
+    return ([f"| held-out | base | {trained} |", "|---|---:|---:|"]
             + [f"| {label} | {show(before, k, f)} | {show(after, k, f)} |" for label, k, f in rows])
+
+
+def _common_settings(cfg: RunConfig, steps: int, tokens: int, precision: str) -> list[tuple[str, str]]:
+    tr = cfg.train
+    return [
+        ("learning rate", f"{tr.peak_lr:g} ({tr.schedule}, warm-up {tr.warmup:g})"),
+        ("optimizer", tr.optimizer + (f", LoRA+ ratio {tr.lora_plus_ratio:g}" if tr.lora_plus_ratio else "")),
+        ("batch", f"{tr.batch_size} rows × {tr.grad_accum} accumulation" + (", packed" if cfg.data.packing else "")),
+        ("steps / tokens seen", f"{steps} / {tokens:,d}"), ("max_len", str(cfg.data.max_len)),
+        ("precision", precision + (" (auto)" if tr.precision == "auto" else "")), ("seed", str(tr.seed)),
+    ]
+
+
+def full_model_card(cfg: RunConfig, base: str, license: str | None, data_summary: str, trained: str,
+                    before: dict[str, float], after: dict[str, float], steps: int, tokens: int, precision: str,
+                    version: str) -> str:
+    """The card of a full/freeze run's model folder (``trained``: the trainable-parameter line)."""
+    tr = cfg.train
+    what = ("every weight" + (" but the embeddings and head" if tr.freeze_embeddings else "") if tr.method == "full"
+            else f"the {'last' if tr.freeze_layers > 0 else 'first'} {abs(tr.freeze_layers)} decoder blocks")
+    if tr.trainable_modules:
+        what += f", modules {tr.trainable_modules}"
+    settings = [("method", f"{tr.method} ({what})"), ("trained", trained), *_common_settings(cfg, steps, tokens, precision)]
+    lines = [
+        _front_matter(base, license, tr.method), f"# {base}, {tr.method} fine-tuned", "",
+        f"Trained with lorakit {version}: a complete transformers model (safetensors, float32) and its tokenizer.",
+        "", "## Data", "", data_summary, "", "## Training settings", "", "| setting | value |", "|---|---|",
+        *[f"| {k} | {v} |" for k, v in settings], "", "## Evaluation", "", *_eval_table(before, after, "fine-tuned"), "",
+        "## Use it", "", "`PATH` is this folder (or its hub id, once uploaded).", "", "```bash",
+        'lorakit generate --model PATH --prompt "Hello"', "```", "", "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        'model = AutoModelForCausalLM.from_pretrained("PATH")', 'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+        "```", "",
+    ]
+    return "\n".join(lines)
 
 
 def model_card(cfg: RunConfig, base: str, license: str | None, data_summary: str, before: dict[str, float],
@@ -51,17 +88,13 @@ def model_card(cfg: RunConfig, base: str, license: str | None, data_summary: str
                base_note: str | None = None) -> str:
     """The card's text. ``base`` is the id written as ``base_model_name_or_path``; ``precision`` the
     one the run resolved (fp32 | bf16 | fp16)."""
-    lo, tr, m = cfg.lora, cfg.train, cfg.model
+    lo, m = cfg.lora, cfg.model
     targets = lo.target_modules if isinstance(lo.target_modules, str) else ", ".join(lo.target_modules or ["(model default)"])
     settings = [
         ("rank r / alpha", f"{lo.r} / {lo.alpha:g}" + (" (rsLoRA: alpha/√r)" if lo.use_rslora else "")
          + (" (DoRA)" if lo.use_dora else "")),
         ("target modules", targets), ("dropout", f"{lo.dropout:g}"), ("init", lo.init),
-        ("learning rate", f"{tr.lr:g} ({tr.schedule}, warm-up {tr.warmup:g})"),
-        ("optimizer", tr.optimizer + (f", LoRA+ ratio {tr.lora_plus_ratio:g}" if tr.lora_plus_ratio else "")),
-        ("batch", f"{tr.batch_size} rows × {tr.grad_accum} accumulation" + (", packed" if cfg.data.packing else "")),
-        ("steps / tokens seen", f"{steps} / {tokens:,d}"), ("max_len", str(cfg.data.max_len)),
-        ("precision", precision + (" (auto)" if tr.precision == "auto" else "")), ("seed", str(tr.seed)),
+        *_common_settings(cfg, steps, tokens, precision),
     ]
     if m.quantize != "none":
         settings.append(("base quantization", f"{m.quantize} (double quant {m.double_quant}, rounding {m.quant_rounding})"))
@@ -149,3 +182,14 @@ def describe_adapter(folder: Path, cfg: RunConfig, base: str, tokenizer: Any, da
     tokenizer.save_pretrained(folder)
     write_model_card(folder, model_card(cfg, base, base_license(base), data, before, after, steps, tokens, precision,
                                         __version__, embedded.note() if embedded else None))
+
+
+def describe_model(folder: Path, cfg: RunConfig, base: str, tokenizer: Any, data: str, trained: str,
+                   before: dict[str, float], after: dict[str, float], steps: int, tokens: int, precision: str) -> None:
+    """Give a finished full/freeze run's model folder the tokenizer and a model card."""
+    from .._version import __version__
+    from ..base import base_license
+
+    tokenizer.save_pretrained(folder)
+    write_model_card(folder, full_model_card(cfg, base, base_license(base), data, trained, before, after, steps, tokens,
+                                             precision, __version__))

@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from ..core.full_tuning import FullTuning
 from ..core.lora_model import LoraModel
 
 __all__ = ["lr_lambda", "build_optimizer"]
@@ -26,17 +27,23 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
     return f
 
 
-def build_optimizer(lm: LoraModel, lr: float, weight_decay: float, lora_plus_ratio: float,
+def build_optimizer(lm: LoraModel | FullTuning, lr: float, weight_decay: float, lora_plus_ratio: float,
                     kind: str = "adamw") -> torch.optim.Optimizer:
     """AdamW (or bitsandbytes' 8-bit AdamW) over the trainable parameters; with LoRA+ the B
-    matrices get ratio × lr."""
-    a_params, b_params, other = [], [], []
+    matrices get ratio × lr. A full/freeze run's biases and norm weights (the 1-D parameters)
+    take no weight decay, as in transformers' Trainer."""
+    a_params, b_params, other, no_decay = [], [], [], []
+    full = isinstance(lm, FullTuning)
     for name, p in lm.named_parameters():
         if not p.requires_grad:
             continue
+        if full:
+            (no_decay if p.ndim < 2 else other).append(p)
+            continue
         (b_params if ".lora_B." in name else a_params if ".lora_A." in name else other).append(p)
     ratio = lora_plus_ratio or 1.0
-    groups = [{"params": a_params, "lr": lr}, {"params": b_params, "lr": lr * ratio}, {"params": other, "lr": lr}]
+    groups = [{"params": a_params, "lr": lr}, {"params": b_params, "lr": lr * ratio}, {"params": other, "lr": lr},
+              {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if kind == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)

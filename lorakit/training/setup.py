@@ -16,8 +16,9 @@ from typing import Any, Callable
 import torch
 
 from ..base import load_model, physical_cores, quant_spec, resolve_device, resolve_dtype, resolve_precision
-from ..config import RunConfig
+from ..config import WEIGHT_METHODS, RunConfig
 from ..config.rank_schedule import RankSchedule, parse_rank_schedule, stage_alpha
+from ..core.full_tuning import FullTuning, select_trainable
 from ..core.lora_model import LoraModel, get_lora_model
 from ..core.start import drop_all as drop_start_factors
 from ..data.dataset import Prepared
@@ -31,7 +32,7 @@ from .optim import build_optimizer, lr_lambda
 from .rank_schedule import PlateauTracker
 
 __all__ = ["RunPlan", "BaseSetup", "Optimization", "check_run", "load_base", "calibrate_base", "data_line",
-           "make_adapter", "make_optimization", "restore", "load_states", "open_run_folder"]
+           "make_adapter", "output_name", "make_optimization", "restore", "load_states", "open_run_folder"]
 
 Echo = Callable[[str], None]
 
@@ -116,7 +117,10 @@ def load_base(cfg: RunConfig, plan: RunPlan, echo: Echo) -> BaseSetup:
     target = resolve_device(m_cfg.device)
     precision = resolve_precision(t_cfg.precision, target, m_cfg.quantize)
     # Under bf16 autocast the frozen base is kept in bf16 too: half the memory, no per-step casts.
-    dtype = "bfloat16" if m_cfg.dtype == "auto" and precision == "bf16" and m_cfg.quantize == "none" else m_cfg.dtype
+    # Full/freeze runs load the weights as stored (they train from the exact values; make_adapter
+    # casts what stays frozen).
+    dtype = ("bfloat16" if m_cfg.dtype == "auto" and precision == "bf16" and m_cfg.quantize == "none"
+             and t_cfg.method not in WEIGHT_METHODS else m_cfg.dtype)
     # GPTQ rounding quantizes after the data is read (its rows calibrate it); a missing bitsandbytes is said first.
     # A resumed GPTQ run reloads the base it saved when it started (bit for bit, no recalibration).
     saved = plan.out / QUANTIZED_BASE if m_cfg.quant_rounding == "gptq" and plan.resume_from is not None else None
@@ -169,9 +173,37 @@ def data_line(cfg: RunConfig, prepared: Prepared) -> str:
             + (f"; dropped {stats['dropped_no_labels']} with no trainable token" if stats.get("dropped_no_labels") else ""))
 
 
-def make_adapter(cfg: RunConfig, base: BaseSetup, schedule: RankSchedule | None, echo: Echo) -> LoraModel:
+def output_name(lm: LoraModel | FullTuning) -> str:
+    """The folder a run's result has in the run folder and in each checkpoint: adapter | model."""
+    return lm.output if isinstance(lm, FullTuning) else "adapter"
+
+
+def _full_tuning(cfg: RunConfig, base: BaseSetup) -> FullTuning:
+    """A full/freeze run's trained weights in fp32; under bf16 the frozen ones are cast to bf16, as
+    a LoRA run's base (half the memory, no per-step casts)."""
+    t = cfg.train
+    names = select_trainable(base.model, t.method, t.freeze_layers, t.trainable_modules, t.freeze_embeddings)
+    tuned = FullTuning(base.model, names, t.method)
+    if base.precision == "bf16" and cfg.model.dtype == "auto":
+        for p in base.model.parameters():
+            if not p.requires_grad and p.is_floating_point():
+                p.data = p.data.to(torch.bfloat16)
+    return tuned
+
+
+def make_adapter(cfg: RunConfig, base: BaseSetup, schedule: RankSchedule | None, echo: Echo) -> LoraModel | FullTuning:
     """The trainable adapter over the base: at the schedule's first rank (with the α that keeps
-    the final stage's scaling), from the EoRA corrections when this run starts one."""
+    the final stage's scaling), from the EoRA corrections when this run starts one. A full/freeze
+    run gets its model's own weights to train instead (``lorakit.core.full_tuning``)."""
+    lm = _full_tuning(cfg, base) if cfg.train.method in WEIGHT_METHODS else _lora_adapter(cfg, base, schedule)
+    if cfg.train.grad_checkpointing:
+        base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    echo(lm.trainable_report()[0])
+    return lm
+
+
+def _lora_adapter(cfg: RunConfig, base: BaseSetup, schedule: RankSchedule | None) -> LoraModel:
     lora_cfg = cfg.lora if schedule is None else replace(
         cfg.lora, r=schedule.first, alpha=stage_alpha(cfg.lora.alpha, schedule.first, schedule.final, cfg.lora.use_rslora))
     if cfg.lora.init == "eora" and not base.eora:  # resumed: the adapter comes from the checkpoint
@@ -179,10 +211,6 @@ def make_adapter(cfg: RunConfig, base: BaseSetup, schedule: RankSchedule | None,
     lm = get_lora_model(base.model, lora_cfg)
     if base.eora:
         drop_start_factors(base.model)  # the corrections are in the adapter now
-    if cfg.train.grad_checkpointing:
-        base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-    echo(lm.trainable_report()[0])
     return lm
 
 
@@ -205,7 +233,7 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype), scaler
 
 
-def make_optimization(cfg: RunConfig, lm: LoraModel, prepared: Prepared, base: BaseSetup, world: int) -> Optimization:
+def make_optimization(cfg: RunConfig, lm: LoraModel | FullTuning, prepared: Prepared, base: BaseSetup, world: int) -> Optimization:
     """Steps, optimizer, lr schedule and mixed precision, over the adapter's trainable tensors
     as they are now (after a resumed adapter is loaded, after FSDP sharding)."""
     t_cfg = cfg.train
@@ -213,20 +241,23 @@ def make_optimization(cfg: RunConfig, lm: LoraModel, prepared: Prepared, base: B
     step_micro = t_cfg.grad_accum * world
     total = t_cfg.max_steps or max(1, math.ceil(t_cfg.epochs * per_epoch / step_micro))
     warmup = int(t_cfg.warmup * total) if t_cfg.warmup < 1 else int(t_cfg.warmup)
-    optimizer = build_optimizer(lm, t_cfg.lr, t_cfg.weight_decay, t_cfg.lora_plus_ratio, t_cfg.optimizer)
+    optimizer = build_optimizer(lm, t_cfg.peak_lr, t_cfg.weight_decay, t_cfg.lora_plus_ratio, t_cfg.optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t_cfg.schedule, warmup, total))
     autocast, scaler = _autocast(base.device, base.precision)
     return Optimization(optimizer, scheduler, autocast, scaler, total, per_epoch, step_micro)
 
 
-def restore(plan: RunPlan, lm: LoraModel, world: int) -> tuple[Progress, dict[str, Any]]:
+def restore(plan: RunPlan, lm: LoraModel | FullTuning, world: int) -> tuple[Progress, dict[str, Any]]:
     """A resumed run's progress and trainer state, with its adapter loaded from the checkpoint."""
     progress, state = load_trainer_state(plan.resume_from)
     if int(state.get("world", 1)) != world:
         raise LorakitError(f"{plan.resume_from} was written by a run on {int(state.get('world', 1))} process(es) and "
                            f"this one has {world}: the data order depends on it; resume with the same number of processes")
-    lm.delete_adapter("default")
-    lm.load_adapter(plan.resume_from / "adapter", "default", is_trainable=True)
+    if isinstance(lm, FullTuning):
+        lm.load_trained(plan.resume_from / lm.output)
+    else:
+        lm.delete_adapter("default")
+        lm.load_adapter(plan.resume_from / "adapter", "default", is_trainable=True)
     return progress, state
 
 

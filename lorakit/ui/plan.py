@@ -85,15 +85,13 @@ def plan_run(values: dict[str, Any], run_dir: str = "runs/NAME") -> Plan:
 def estimate_text(config: RunConfig) -> str:
     """``lorakit estimate`` for this config, from the model's config alone (no weights loaded)."""
     from ..base import load_model_config
-    from ..planning.estimate import estimate_memory, format_estimate, shape_from_config
+    from ..planning.estimate import format_estimate, shape_from_config
+    from ..planning.fit import estimate_run
 
     if config.model.quantize == "int8":
         return "estimate models 4-bit bases (nf4 or fp4); int8 is not estimated yet"
     shape = shape_from_config(load_model_config(config.model.name))
-    method = "qlora" if config.model.quantize != "none" else "lora"
-    est = estimate_memory(shape, method, config.lora.r, config.lora.target_modules or "all-linear",
-                          config.train.batch_size, config.data.max_len, config.train.grad_checkpointing,
-                          "fp32", "adamw", config.model.double_quant, dora=config.lora.use_dora)
+    est = estimate_run(shape, config, "fp32", 0.0, optimizer="adamw")
     return format_estimate(est)
 
 

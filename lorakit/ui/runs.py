@@ -146,7 +146,8 @@ class RunManager:
             state = "running"
         elif proc is not None and proc.returncode not in (0, 130):
             state = "failed"
-        elif (folder / "adapter" / "adapter_config.json").is_file() and (max_steps is None or step >= max_steps):
+        elif (((folder / "adapter" / "adapter_config.json").is_file() or (folder / "model" / "config.json").is_file())
+              and (max_steps is None or step >= max_steps)):  # a LoRA run's adapter, a full/freeze run's model
             state = "finished"
         elif (folder / "checkpoints").is_dir():
             state = "stopped"
