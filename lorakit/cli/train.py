@@ -46,10 +46,14 @@ def _fit_memory(cfg, main_rank: bool):
     (lorakit.planning.fit) or stop here, before any data or weights are loaded. A resumed run keeps
     its settings (its data order depends on them)."""
     from ..base import load_model_config
+    from ..config import resolve_batch_tokens
     from ..planning.estimate import shape_from_config
     from ..planning.fit import apply_fit, available_memory, fit_to_memory
     from .plan import OVERHEAD_BYTES, device_kind, planned_precision
 
+    cfg, line = resolve_batch_tokens(cfg)
+    if line and main_rank:
+        print(line)
     if cfg.model.quantize == "int8":
         return cfg  # not estimated yet
     try:
@@ -64,8 +68,9 @@ def _fit_memory(cfg, main_rank: bool):
     cfg = apply_fit(cfg, fit)
     if main_rank:
         t = cfg.train
-        print(f"memory: {t.batch_size} × {cfg.data.max_len} tokens per micro-batch × {t.grad_accum} = up to "
-              f"{t.batch_size * cfg.data.max_len * t.grad_accum:,} tokens per step; estimated peak "
+        micro = (f"{cfg.micro_tokens():,} tokens" if cfg.micro_tokens() else f"{t.batch_size} × {cfg.data.max_len} tokens")
+        step = cfg.micro_tokens() * t.grad_accum if cfg.micro_tokens() else t.batch_size * cfg.data.max_len * t.grad_accum
+        print(f"memory: {micro} per micro-batch × {t.grad_accum} = up to {step:,} tokens per step; estimated peak "
               f"{fit.estimate / 2**30:.2f} GiB of {available / 2**30:.2f} GiB available")
         for change in fit.changes:
             print(f"memory: to fit, {change}")

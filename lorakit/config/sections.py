@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Union
 
 from ..errors import LorakitError
@@ -13,7 +13,7 @@ from .rank_schedule import parse_rank_schedule
 
 __all__ = ["LoraConfig", "ModelConfig", "DataConfig", "TrainConfig", "RunConfig", "SECTIONS", "BIAS_CHOICES", "DEFAULT_MODEL",
            "QUANT_CHOICES", "QUANT_ROUNDINGS", "METHODS", "WEIGHT_METHODS", "ADAPTER_LR", "WEIGHT_LR", "TASK_MERGES", "COMBINE_METHODS", "SIGN_METHODS", "OPTIMIZERS", "SCHEDULES", "DTYPE_CHOICES", "PRECISIONS", "INIT_CHOICES",
-           "valid_init", "one_of"]
+           "valid_init", "one_of", "resolve_batch_tokens"]
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 QUANT_CHOICES = ("none", "nf4", "fp4", "int8")
@@ -231,6 +231,8 @@ class TrainConfig:
     """Rows per micro-batch (packed rows hold several examples)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
+    batch_tokens: int = 0
+    """Tokens per optimizer step instead of rows (0: off). Packed: batch_tokens // max_len rows per step (batch_size and grad_accum are set from it); unpacked: each micro-batch holds as many examples as fit batch_tokens / grad_accum tokens with padding (batch_size is then not used)."""
     epochs: float = 1.0
     """Passes over the data (ignored when max_steps > 0)."""
     max_steps: int = 0
@@ -291,6 +293,8 @@ class TrainConfig:
             raise LorakitError(f"train.lr must be positive, got {self.lr!r}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise LorakitError("train.batch_size and train.grad_accum must be at least 1")
+        if self.batch_tokens < 0:
+            raise LorakitError(f"train.batch_tokens must be 0 (off) or a number of tokens per step, got {self.batch_tokens}")
         if self.schedule not in SCHEDULES:
             raise LorakitError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.method not in METHODS:
@@ -335,6 +339,26 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def micro_tokens(self, world: int = 1) -> int:
+        """An unpacked run's token budget per micro-batch (0: batch_size rows); see train.batch_tokens."""
+        if self.data.packing or not self.train.batch_tokens:
+            return 0
+        return max(1, self.train.batch_tokens // (self.train.grad_accum * world))
+
+
+def resolve_batch_tokens(cfg: RunConfig) -> tuple[RunConfig, str | None]:
+    """A packed run's train.batch_tokens as rows: batch_size = batch_tokens // max_len (at least
+    one), grad_accum 1, batch_tokens then 0 — the config a run saves, resumes and fits to memory.
+    Unpacked runs keep it (their micro-batches are formed by it). Returns the config and a line
+    saying what was resolved (None when nothing was)."""
+    t, max_len = cfg.train, cfg.data.max_len
+    if not t.batch_tokens or not cfg.data.packing:
+        return cfg, None
+    rows = max(1, t.batch_tokens // max_len)
+    line = (f"train.batch_tokens {t.batch_tokens:,}: {rows} packed row(s) of {max_len} tokens per step"
+            + (f" (max_len is larger than the budget: one row of {max_len})" if t.batch_tokens < max_len else ""))
+    return replace(cfg, train=replace(t, batch_size=rows, grad_accum=1, batch_tokens=0)), line
 
 
 def _check_weight_method(cfg: RunConfig) -> None:

@@ -55,11 +55,21 @@ def pack_rows(lengths: list[int], max_len: int) -> list[list[int]]:
     return rows
 
 
-def padded_rows(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
-    """Groups of ``batch_size`` examples of similar length (less padding), groups in random order."""
+def padded_rows(lengths: list[int], batch_size: int, seed: int, max_tokens: int = 0) -> list[list[int]]:
+    """Groups of examples of similar length (less padding): ``batch_size`` each, or with
+    ``max_tokens`` as many as keep the padded group (rows × its longest) within that many tokens
+    (an example longer than that is a group alone)."""
     rng = random.Random(seed)
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if max_tokens <= 0:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    groups: list[list[int]] = []
+    for i in order:  # ascending length: the new example is the group's longest
+        if groups and (len(groups[-1]) + 1) * lengths[i] <= max_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def collate_packed(rows: list[list[int]], examples: list[Encoded], pad_id: int) -> Batch:
@@ -105,16 +115,18 @@ def collate_padded(group: list[int], examples: list[Encoded], pad_id: int) -> Ba
     return Batch(ids, labels, pos, mask, int(mask.sum()), n_labels)
 
 
-def batch_plan(examples: list[Encoded], max_len: int, batch_size: int, packing: bool, seed: int) -> list[list]:
+def batch_plan(examples: list[Encoded], max_len: int, batch_size: int, packing: bool, seed: int,
+               max_tokens: int = 0) -> list[list]:
     """One epoch of micro-batches as example indices, in a seed-determined order: for packing,
-    each item is a list of rows (lists of indices); otherwise a list of indices, one per row."""
+    each item is a list of rows (lists of indices); otherwise a list of indices, one per row
+    (``batch_size`` of them, or, with ``max_tokens``, as many as fit that token budget padded)."""
     lengths = [len(e.input_ids) for e in examples]
     rng = random.Random(seed)
     if packing:
         rows = pack_rows(lengths, max_len)
         rng.shuffle(rows)
         return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-    groups = padded_rows(lengths, batch_size, seed)
+    groups = padded_rows(lengths, batch_size, seed, max_tokens)
     rng.shuffle(groups)
     return groups
 

@@ -82,7 +82,10 @@ def fit_to_memory(shape: ModelShape, cfg: Any, precision: str, overhead: float, 
     """The micro-batch, accumulation and checkpointing that fit ``available`` bytes (``cfg`` is a
     RunConfig; it is not changed). Raises LorakitError, with the numbers, when nothing fits."""
     t = cfg.train
-    batch, accum, ckpt = t.batch_size, t.grad_accum, t.grad_checkpointing
+    by_tokens = cfg.micro_tokens() > 0  # unpacked with train.batch_tokens: micro-batches of a token budget
+    # the budget as rows of max_len (the estimate's unit); halving it is doubling the accumulation
+    batch = max(1, cfg.micro_tokens() // cfg.data.max_len) if by_tokens else t.batch_size
+    accum, ckpt = t.grad_accum, t.grad_checkpointing
     room = HEADROOM * available
     est = _estimate(shape, cfg, precision, overhead, batch, ckpt).total
     first, changes = est, []
@@ -90,12 +93,15 @@ def fit_to_memory(shape: ModelShape, cfg: Any, precision: str, overhead: float, 
         ckpt = True
         est = _estimate(shape, cfg, precision, overhead, batch, ckpt).total
         changes.append(f"train.grad_checkpointing true (estimated peak {_gib(first)} → {_gib(est)})")
-    rows = batch * accum
+    rows, start = batch * accum, batch
     while est > room and batch > 1:
         batch = (batch + 1) // 2
         accum = math.ceil(rows / batch)
         est = _estimate(shape, cfg, precision, overhead, batch, ckpt).total
-    if batch != t.batch_size:
+    if batch != start and by_tokens:
+        changes.append(f"train.grad_accum {t.grad_accum} → {accum} (micro-batches of {t.batch_tokens // accum:,} of "
+                       f"the step's {t.batch_tokens:,} tokens; estimated peak {_gib(est)})")
+    elif batch != start:
         changes.append(f"train.batch_size {t.batch_size} → {batch} and train.grad_accum {t.grad_accum} → {accum} "
                        f"({batch * accum} rows per step as configured: {rows}; estimated peak {_gib(est)})")
     if est > room:
@@ -106,7 +112,7 @@ def fit_to_memory(shape: ModelShape, cfg: Any, precision: str, overhead: float, 
             f"this run needs about {_gib(est)} even with a micro-batch of 1 row of {cfg.data.max_len} tokens and "
             f"gradient checkpointing, and {_gib(available)} is available ({int(HEADROOM * 100)}% of it may be "
             f"planned); {hint} or free memory (${MEMORY_ENV} overrides what the system reports)")
-    return MemoryFit(batch, accum, ckpt, est, changes)
+    return MemoryFit(t.batch_size if by_tokens else batch, accum, ckpt, est, changes)  # a budget leaves batch_size unused
 
 
 def apply_fit(cfg: Any, fit: MemoryFit) -> Any:

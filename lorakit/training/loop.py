@@ -23,7 +23,7 @@ import torch
 
 from ..atomic import atomic_dir, disk_size
 from ..base import cache_root, resolve_device
-from ..config import RunConfig, dump_yaml
+from ..config import RunConfig, dump_yaml, resolve_batch_tokens
 from ..core.full_tuning import FullTuning
 from ..core.lora_model import LoraModel
 from ..core.sharded import full_tensor
@@ -108,6 +108,9 @@ class Run:
 
 def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None] = print) -> TrainResult:
     t_begin = time.perf_counter()
+    cfg, line = resolve_batch_tokens(cfg)  # (lorakit train has resolved it already, and said so)
+    if line:
+        echo(line)
     ctx = init_distributed(resolve_device(cfg.model.device))  # torchrun's process group, or a single process
     try:
         run = _setup(cfg, ctx, show_progress and ctx.is_main, echo if ctx.is_main else (lambda s: None))
@@ -196,7 +199,8 @@ def _micro_batches(run: Run) -> Iterator[Batch]:
     cfg, t_cfg, per_epoch = run.cfg, run.cfg.train, run.opt.batches_per_epoch
     epoch, i = divmod(run.progress.micro_batches, per_epoch)
     while True:
-        plan = batch_plan(run.prepared.train, cfg.data.max_len, t_cfg.batch_size, cfg.data.packing, t_cfg.seed + epoch)
+        plan = batch_plan(run.prepared.train, cfg.data.max_len, t_cfg.batch_size, cfg.data.packing, t_cfg.seed + epoch,
+                          cfg.micro_tokens(run.ctx.world))
         for item in plan[i:]:
             yield collate(item, run.prepared.train, cfg.data.packing, run.base.tokenizer.pad_token_id)
         epoch, i = epoch + 1, 0

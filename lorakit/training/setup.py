@@ -237,7 +237,8 @@ def make_optimization(cfg: RunConfig, lm: LoraModel | FullTuning, prepared: Prep
     """Steps, optimizer, lr schedule and mixed precision, over the adapter's trainable tensors
     as they are now (after a resumed adapter is loaded, after FSDP sharding)."""
     t_cfg = cfg.train
-    per_epoch = len(batch_plan(prepared.train, cfg.data.max_len, t_cfg.batch_size, cfg.data.packing, t_cfg.seed))
+    per_epoch = len(batch_plan(prepared.train, cfg.data.max_len, t_cfg.batch_size, cfg.data.packing, t_cfg.seed,
+                               cfg.micro_tokens(world)))
     step_micro = t_cfg.grad_accum * world
     total = t_cfg.max_steps or max(1, math.ceil(t_cfg.epochs * per_epoch / step_micro))
     warmup = int(t_cfg.warmup * total) if t_cfg.warmup < 1 else int(t_cfg.warmup)
