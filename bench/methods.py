@@ -1,6 +1,6 @@
 """The seeds' method table, measured (a benchmark, not a test).
 
-    .venv/bin/python bench/methods.py [--seeds 3] [--steps 40] [--tasks demo,addition] [--only NAME]
+    .venv/bin/python bench/methods.py [--seeds 3] [--steps 24] [--tasks demo,addition] [--only NAME]
 
 Methods: full and freeze fine-tuning, LoRA r=8 and r=16, DoRA r=16 and QLoRA r=16 (NF4, double
 quantization), all through lorakit's training loop, plus two PEFT methods as reference rows —
@@ -216,7 +216,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--tasks", default="demo,addition")
     ap.add_argument("--only", default="", help="run the methods whose name contains this")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -174,3 +174,20 @@ def test_mfu_and_estimate_count_what_a_freeze_run_computes_and_keeps():
         assert est.components["autocast copies of the trained weights"] == 2 * n
     # only the trained blocks keep activations: 2 of 30
     assert frz.components["activations"] == pytest.approx(full.components["activations"] * 2 / 30)
+
+
+def test_freeze_run_with_the_8bit_optimizer_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    data = _data(tmp_path)
+    extra = dict(method="freeze", freeze_layers=1, optimizer="adamw8bit", lr=1e-3, max_steps=5)
+    whole = train(_cfg(tiny_model_dir, data, tmp_path / "whole", **extra), **QUIET)
+    cfg = _cfg(tiny_model_dir, data, tmp_path / "cut", **extra)
+    with monkeypatch.context() as m:
+        interrupt_at(m, 2)
+        assert train(cfg, **QUIET).interrupted
+    cfg.train.resume = "latest"
+    again = train(cfg, **QUIET)
+    a, b = load_file(whole.adapter_dir / "model.safetensors"), load_file(again.adapter_dir / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    assert whole.after["eval_loss"] < whole.before["eval_loss"]
