@@ -112,8 +112,10 @@ def worker_lorakit(train_path: Path, val_path: Path, steps: int, max_len: int, o
     return {"tokens_per_s": rows[-1]["tokens_per_s"], "eval_loss": _held_out_loss(lm.model, tok, val_path, max_len)}
 
 
-def worker_peft(train_path: Path, val_path: Path, steps: int, max_len: int, out: Path, padding_free: bool,
-                bf16: bool = False, dora: bool = False) -> dict:
+def worker_peft(train_path: Path, val_path: Path | None, steps: int, max_len: int, out: Path, padding_free: bool,
+                bf16: bool = False, dora: bool = False, model_name: str = MODEL, device: str = "cpu", batch: int = 4,
+                grad_ckpt: bool = False) -> dict:
+    """PEFT + Trainer on ``model_name``; ``val_path`` None skips the held-out loss (bench/gpu.py)."""
     import torch
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -122,7 +124,10 @@ def worker_peft(train_path: Path, val_path: Path, steps: int, max_len: int, out:
     from lorakit.base import load_model
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model, tok = load_model(MODEL, "cpu", "bfloat16" if bf16 else "float32")
+    model, tok = load_model(model_name, device, "bfloat16" if bf16 else "float32")
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     model = get_peft_model(model, PeftLoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                                  task_type="CAUSAL_LM", use_dora=dora))
     texts = [tok.apply_chat_template(json.loads(x)["messages"], tokenize=False) for x in train_path.read_text().splitlines()]
@@ -134,14 +139,16 @@ def worker_peft(train_path: Path, val_path: Path, steps: int, max_len: int, out:
         counted["tokens"] += sum(len(f["input_ids"]) for f in features)  # non-padding tokens
         return inner(features)
 
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, learning_rate=2e-4, max_steps=steps,
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, learning_rate=2e-4, max_steps=steps,
                              lr_scheduler_type="cosine", warmup_steps=int(0.1 * steps),  # = lorakit warmup 0.1 logging_steps=max(1, steps), save_strategy="no",
-                             report_to=[], use_cpu=True, dataloader_num_workers=0, seed=42, remove_unused_columns=False,
+                             report_to=[], use_cpu=device == "cpu", dataloader_num_workers=0, seed=42, remove_unused_columns=False,
                              max_grad_norm=1.0, optim="adamw_torch", bf16=bf16)
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
+    if val_path is None:
+        return {"tokens_per_s": counted["tokens"] / train_s, "tokens": counted["tokens"], "train_s": train_s}
     return {"tokens_per_s": counted["tokens"] / train_s,
             "eval_loss": _held_out_loss(model.get_base_model(), tok, val_path, max_len)}
 
