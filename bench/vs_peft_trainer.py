@@ -89,13 +89,18 @@ def _held_out_loss(model, tok, val_path: Path, max_len: int) -> float:
     return eval_loss(model, prepared.train, max_len, 4, tok.pad_token_id, torch.device("cpu"))
 
 
+EVAL_LEN = 1024  # held-out examples are scored whole, whatever row length a run trained with
+
+
 def worker_lorakit(train_path: Path, val_path: Path, steps: int, max_len: int, out: Path, packing: bool,
-                   precision: str = "auto", dora: bool = False) -> dict:
+                   precision: str = "auto", dora: bool = False, dropout: float = 0.0, batch_tokens: int = 0) -> dict:
     # Without packing: 4 examples per step, like the Trainer runs. With packing: one row of max_len
     # tokens per step (several examples; ~1,000 tokens against the Trainer's ~600 on varlen).
     batch = ["--train.batch_size", "1", "--data.packing", "true"] if packing else \
         ["--train.batch_size", "4", "--data.packing", "false"]
-    batch += ["--train.precision", precision, "--train.method", "dora" if dora else "lora"]
+    if batch_tokens:  # unpacked micro-batches of a token budget (train.batch_tokens)
+        batch = ["--train.batch_tokens", str(batch_tokens), "--data.packing", "false"]
+    batch += ["--train.precision", precision, "--train.method", "dora" if dora else "lora", "--lora.dropout", str(dropout)]
     cmd = [sys.executable, "-m", "lorakit", "train", "--model", MODEL, "--data", str(train_path), "--out", str(out),
            "--overwrite", "--lora.r", "16", "--lora.alpha", "32", "--train.lr", "2e-4", *batch,
            "--train.max_steps", str(steps), "--train.warmup", "0.1", "--data.max_len", str(max_len),
@@ -109,12 +114,13 @@ def worker_lorakit(train_path: Path, val_path: Path, steps: int, max_len: int, o
 
     base, tok = load_model(MODEL, "cpu")
     lm = LoraModel.from_pretrained(base, out / "adapter")
-    return {"tokens_per_s": rows[-1]["tokens_per_s"], "eval_loss": _held_out_loss(lm.model, tok, val_path, max_len)}
+    return {"tokens_per_s": rows[-1]["tokens_per_s"], "eval_loss": _held_out_loss(lm.model, tok, val_path, EVAL_LEN),
+            "tokens": rows[-1]["tokens"]}
 
 
 def worker_peft(train_path: Path, val_path: Path | None, steps: int, max_len: int, out: Path, padding_free: bool,
                 bf16: bool = False, dora: bool = False, model_name: str = MODEL, device: str = "cpu", batch: int = 4,
-                grad_ckpt: bool = False) -> dict:
+                grad_ckpt: bool = False, dropout: float = 0.0) -> dict:
     """PEFT + Trainer on ``model_name``; ``val_path`` None skips the held-out loss (bench/gpu.py)."""
     import torch
     from peft import LoraConfig as PeftLoraConfig
@@ -128,7 +134,7 @@ def worker_peft(train_path: Path, val_path: Path | None, steps: int, max_len: in
     if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(model, PeftLoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+    model = get_peft_model(model, PeftLoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear",
                                                  task_type="CAUSAL_LM", use_dora=dora))
     texts = [tok.apply_chat_template(json.loads(x)["messages"], tokenize=False) for x in train_path.read_text().splitlines()]
     rows = [{"input_ids": tok(t, add_special_tokens=False, truncation=True, max_length=max_len)["input_ids"]} for t in texts]
@@ -149,8 +155,8 @@ def worker_peft(train_path: Path, val_path: Path | None, steps: int, max_len: in
     train_s = time.perf_counter() - t0
     if val_path is None:
         return {"tokens_per_s": counted["tokens"] / train_s, "tokens": counted["tokens"], "train_s": train_s}
-    return {"tokens_per_s": counted["tokens"] / train_s,
-            "eval_loss": _held_out_loss(model.get_base_model(), tok, val_path, max_len)}
+    return {"tokens_per_s": counted["tokens"] / train_s, "tokens": counted["tokens"],
+            "eval_loss": _held_out_loss(model.get_base_model(), tok, val_path, EVAL_LEN)}
 
 
 KINDS = {
@@ -163,9 +169,9 @@ KINDS = {
 }
 
 
-def run_worker(kind: str, data: tuple[Path, Path], steps: int, max_len: int, out: Path) -> dict:
+def run_worker(kind: str, data: tuple[Path, Path], steps: int, max_len: int, out: Path, batch_tokens: int = 0) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--train-file", str(data[0]), "--val-file", str(data[1]),
-           "--steps", str(steps), "--max-len", str(max_len), "--out", str(out)]
+           "--steps", str(steps), "--max-len", str(max_len), "--out", str(out), "--batch-tokens", str(batch_tokens)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
@@ -181,25 +187,34 @@ def main() -> None:
     ap.add_argument("--train-file", default=None)
     ap.add_argument("--val-file", default=None)
     ap.add_argument("--max-len", type=int, default=1024)
+    ap.add_argument("--batch-tokens", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--equal-tokens", action="store_true",
+                    help="instead: lorakit packed into rows of the peer's tokens per step, against PEFT + Trainer "
+                         "padding-free bf16, at dropout 0 and 0.05")
     args = ap.parse_args()
     if args.worker:
         import resource
 
         train, val, out = Path(args.train_file), Path(args.val_file), Path(args.out)
+        dropout = 0.05 if args.worker.endswith("-d05") else 0.0
         if args.worker.startswith("lorakit"):
             res = worker_lorakit(train, val, args.steps, args.max_len, out, packing="packed" in args.worker,
-                                 precision="fp32" if "fp32" in args.worker else "auto", dora="dora" in args.worker)
+                                 precision="fp32" if "fp32" in args.worker else "auto", dora="dora" in args.worker,
+                                 dropout=dropout, batch_tokens=args.batch_tokens)
             child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the `lorakit train` process
             res["peak_rss_mib"] = child / 1024
         else:
             res = worker_peft(train, val, args.steps, args.max_len, out, padding_free=args.worker.startswith("peft-padfree"),
-                              bf16="bf16" in args.worker, dora="dora" in args.worker)
+                              bf16="bf16" in args.worker, dora="dora" in args.worker, dropout=dropout)
             res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(res))
         return
 
     out = Path(args.out)
     paths = write_sets(out)
+    if args.equal_tokens:
+        equal_tokens(paths, args.sets, args.steps, out)
+        return
     from lorakit.base import native_bf16
 
     import torch
@@ -219,6 +234,34 @@ def main() -> None:
             r = results[kind]
             lines.append(f"| {name} | {label} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / seed['tokens_per_s']:.2f}× | "
                          f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] / seed['peak_rss_mib']:.2f}× | {r['eval_loss']:.4f} |")
+    print("\n".join(lines))
+
+
+def equal_tokens(paths: dict, sets: str, steps: int, out: Path) -> None:
+    """The same tokens per step on both sides: the peer (PEFT + Trainer padding-free, bf16, 4
+    examples per step) runs first; lorakit then trains with the peer's mean tokens per step, at its
+    default precision, two ways: one packed row of that many tokens per step (examples longer than
+    the row are truncated), and unpacked micro-batches of that token budget (train.batch_tokens;
+    nothing truncated, some padding). At dropout 0 and 0.05, each run in its own process."""
+    lines = ["| data | dropout | lorakit: tokens/step | PEFT tokens/s | lorakit tokens/s | ratio | PEFT peak RSS MiB | lorakit | "
+             "ratio | PEFT held-out loss | lorakit | difference |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in sets.split(","):
+        max_len = 256 if name == "demo" else 1024
+        for suffix, dropout in (("", 0.0), ("-d05", 0.05)):
+            peer = run_worker(f"peft-padfree-bf16{suffix}", paths[name], steps, max_len, out / f"{name}-eq-peft{suffix}")
+            per_step = max(64, round(peer["tokens"] / steps))
+            runs = {f"packed rows of {per_step}": run_worker(f"lorakit-packed{suffix}", paths[name], steps, per_step,
+                                                            out / f"{name}-eq-lorakit{suffix}"),
+                    f"unpacked, batch_tokens {per_step}": run_worker(f"lorakit{suffix}", paths[name], steps, max_len,
+                                                                     out / f"{name}-eq-tokens{suffix}", per_step)}
+            for how, ours in runs.items():
+                print(f"{name} dropout {dropout}: peer {peer}, lorakit {how} {ours}", flush=True)
+                lines.append(f"| {name} | {dropout:g} | {how}: {ours['tokens'] / steps:.0f} (peer {per_step}) | "
+                             f"{peer['tokens_per_s']:.0f} | {ours['tokens_per_s']:.0f} | "
+                             f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}× | {peer['peak_rss_mib']:.0f} | "
+                             f"{ours['peak_rss_mib']:.0f} | {ours['peak_rss_mib'] / peer['peak_rss_mib']:.2f}× | "
+                             f"{peer['eval_loss']:.4f} | {ours['eval_loss']:.4f} | "
+                             f"{100 * (ours['eval_loss'] / peer['eval_loss'] - 1):+.1f}% |")
     print("\n".join(lines))
 
 
