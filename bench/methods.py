@@ -36,6 +36,7 @@ LORAKIT_METHODS = {
     "QLoRA r=16 (NF4)": {"lora": {"r": 16, "alpha": 32}, "model": {"quantize": "nf4"}},
 }
 PEFT_METHODS = ("PEFT prefix tuning (20 tokens)", "PEFT adaption prompt (LLaMA-Adapter)")
+EXTRA_METHODS = ("PEFT prefix tuning (20 tokens, reparametrised)",)  # run only when --only names them
 ADAPTER_LR = 1e-3  # the demo's LoRA rate (lorakit's demo preset); full/freeze take lorakit's 5e-5
 PEFT_LR = 1e-2
 EVAL_SAMPLES = 24
@@ -101,8 +102,9 @@ def lorakit_worker(job: dict) -> dict:
 def _peft_model(method: str, model):
     from peft import AdaptionPromptConfig, PrefixTuningConfig, TaskType, get_peft_model
 
-    if method.startswith("PEFT prefix"):
-        return get_peft_model(model, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=20))
+    if method.startswith("PEFT prefix"):  # reparametrised: the prefix comes from an MLP (the paper's stabiliser)
+        return get_peft_model(model, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=20,
+                                                        prefix_projection="reparametrised" in method))
     return get_peft_model(model, AdaptionPromptConfig(task_type=TaskType.CAUSAL_LM, adapter_len=10,
                                                       adapter_layers=model.config.num_hidden_layers))
 
@@ -223,7 +225,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         job = json.loads(args.worker)
-        print(json.dumps(peft_worker(job) if job["method"] in PEFT_METHODS else lorakit_worker(job)))
+        print(json.dumps(peft_worker(job) if job["method"] in (*PEFT_METHODS, *EXTRA_METHODS) else lorakit_worker(job)))
         return
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="lorakit-methods-"))
@@ -232,7 +234,8 @@ def main() -> None:
            f"batch 2 packed rows × 256 tokens (PEFT rows: 8 padded examples), mean (min–max) over seeds"]
     for task in args.tasks.split(","):
         rows: dict[str, list[dict]] = {}
-        for method in [*LORAKIT_METHODS, *PEFT_METHODS]:
+        extra = [m for m in EXTRA_METHODS if args.only and args.only in m]
+        for method in [*LORAKIT_METHODS, *PEFT_METHODS, *extra]:
             if args.only not in method:
                 continue
             for seed in range(args.seeds):
