@@ -75,7 +75,7 @@ def _exact(answer: str, ref: str) -> bool:
 
 def lorakit_worker(job: dict) -> dict:
     import lorakit.training.loop as loop
-    from lorakit.config import merge_nested, run_config_from_dict
+    from lorakit.config import WEIGHT_LR, merge_nested, run_config_from_dict
 
     if job["task"] != "demo":  # lorakit scores the demo itself; here held-out answers are matched exactly
         chats, prepare = _val_chats(Path(job["val"])), loop.prepare_data
@@ -96,7 +96,7 @@ def lorakit_worker(job: dict) -> dict:
     pct = next(float(x.split("trainable%: ")[1].split()[0]) for x in lines if "trainable%: " in x)
     return {"trainable_pct": pct, "peak_mb": res.peak_memory_mb, "tok_s": res.tokens_per_s, "train_s": res.train_s,
             "em": res.after.get("exact_match"), "loss": res.after["eval_loss"], "base_em": res.before.get("exact_match"),
-            "base_loss": res.before["eval_loss"], "lr": layers["train"].get("lr", 5e-5)}
+            "base_loss": res.before["eval_loss"], "lr": layers["train"].get("lr", WEIGHT_LR)}
 
 
 def _peft_model(method: str, model):

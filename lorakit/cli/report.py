@@ -15,9 +15,10 @@ def _fmt(v: float | None, unit: str = "") -> str:
 
 def print_train_summary(result, cfg: RunConfig) -> None:
     r = result
+    weights = cfg.train.method in WEIGHT_METHODS  # a full/freeze run: a model folder, no adapter
     print()
     print(f"run folder:   {r.out_dir}")
-    if cfg.train.method in WEIGHT_METHODS:
+    if weights:
         print(f"model:        {r.adapter_dir}  ({'checkpoint: resume to finish' if r.interrupted else 'transformers folder, float32'})")
     else:
         print(f"adapter:      {r.adapter_dir}  (PEFT format)")
@@ -30,7 +31,7 @@ def print_train_summary(result, cfg: RunConfig) -> None:
         return
     rows = [("eval loss", "eval_loss", ""), ("perplexity", "eval_ppl", ""), ("exact match", "exact_match", "%")]
     print()
-    trained = "fine-tuned" if cfg.train.method in WEIGHT_METHODS else "with adapter"
+    trained = "fine-tuned" if weights else "with adapter"
     print(f"  {'held-out':<14}{'base':>12}{trained:>16}")
     for label, key, unit in rows:
         if key in r.after or key in r.before:
@@ -40,4 +41,4 @@ def print_train_summary(result, cfg: RunConfig) -> None:
         for q, base, new in r.samples:
             print(f"  Q: {q!r}")
             print(f"     base:    {base!r}")
-            print(f"     {('tuned:' if cfg.train.method in WEIGHT_METHODS else 'adapter:'):<9}{new!r}")
+            print(f"     {('tuned:' if weights else 'adapter:'):<9}{new!r}")

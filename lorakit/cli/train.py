@@ -67,9 +67,9 @@ def _fit_memory(cfg, main_rank: bool):
                         float("inf") if cfg.train.resume else available)
     cfg = apply_fit(cfg, fit)
     if main_rank:
-        t = cfg.train
-        micro = (f"{cfg.micro_tokens():,} tokens" if cfg.micro_tokens() else f"{t.batch_size} × {cfg.data.max_len} tokens")
-        step = cfg.micro_tokens() * t.grad_accum if cfg.micro_tokens() else t.batch_size * cfg.data.max_len * t.grad_accum
+        t, budget = cfg.train, cfg.micro_tokens()
+        micro = f"{budget:,} tokens" if budget else f"{t.batch_size} × {cfg.data.max_len} tokens"
+        step = (budget or t.batch_size * cfg.data.max_len) * t.grad_accum
         print(f"memory: {micro} per micro-batch × {t.grad_accum} = up to {step:,} tokens per step; estimated peak "
               f"{fit.estimate / 2**30:.2f} GiB of {available / 2**30:.2f} GiB available")
         for change in fit.changes:

@@ -68,6 +68,7 @@ def coerce_value(cls: type, key: str, raw: Any) -> Any:
     if not isinstance(raw, str):
         return raw
     kind = hints[key]
+    inner = [t for t in typing.get_args(kind) if t is not type(None)]  # an Optional's type
     try:
         if kind is bool:
             low = raw.lower()
@@ -82,12 +83,10 @@ def coerce_value(cls: type, key: str, raw: Any) -> Any:
             return raw
         if type(None) in typing.get_args(kind) and raw.strip().lower() in ("none", "null", "~", ""):
             return None  # an optional field: unset (YAML alone would read "none" as a string)
-        inner = [t for t in typing.get_args(kind) if t is not type(None)]
         if inner in ([int], [float]):  # an optional number (YAML would read 2e-4 as a string)
             return inner[0](raw)
         return yaml.safe_load(raw)
     except (ValueError, yaml.YAMLError):
-        inner = [t for t in typing.get_args(kind) if t is not type(None)]
         name = getattr(inner[0] if len(inner) == 1 else kind, "__name__", str(kind))
         raise LorakitError(f"{cls.__name__.lower().replace('config', '')}.{key}: cannot read {raw!r} as {name}") from None
 

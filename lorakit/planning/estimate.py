@@ -230,13 +230,13 @@ def estimate_memory(s: ModelShape, method: str = "lora", r: int = 16, targets: l
         per_token *= min(abs(freeze_layers), s.layers) / s.layers
     comp["activations"] = tokens * per_token
     labels = max(1, int(tokens * label_fraction))
+    chunk_bytes = s.vocab * (4 if act_b == 4 else 6)  # per position of a loss chunk: fp32 logits (+ 16-bit ones)
     if chunked_loss:
         # One chunk of fp32 logits (log-sum-exp and softmax are taken in place, and one chunk is
         # alive at a time), plus the label positions' hidden states and their saved gradient. In
         # half precision the head's matmul first gives the chunk in 16 bits (and the chunk's
         # gradient goes back to 16 bits for the weight's matmul): one 16-bit chunk more at the peak.
-        half_chunk = min(labels, LOSS_CHUNK) * s.vocab * 2 if act_b == 2 else 0
-        comp["loss (chunked logits)"] = min(labels, LOSS_CHUNK) * s.vocab * 4 + half_chunk + 2 * labels * s.hidden * act_b
+        comp["loss (chunked logits)"] = min(labels, LOSS_CHUNK) * chunk_bytes + 2 * labels * s.hidden * act_b
     else:
         # Full logits, their fp32 copy for the loss, and the gradient of the same size.
         comp["loss (full logits)"] = 3 * tokens * s.vocab * 4
@@ -250,7 +250,7 @@ def estimate_memory(s: ModelShape, method: str = "lora", r: int = 16, targets: l
         fixed = est.total - comp["activations"] - comp[loss_key]
         per_token = comp["activations"] / tokens
         loss_per_token = 2 * s.hidden * act_b + (0 if chunked_loss else 3 * s.vocab * 4)
-        room = device_memory - fixed - (LOSS_CHUNK * s.vocab * (4 if act_b == 4 else 6) if chunked_loss else 0)
+        room = device_memory - fixed - (LOSS_CHUNK * chunk_bytes if chunked_loss else 0)
         max_tokens = int(room / (per_token + loss_per_token)) if room > 0 else 0
         est.max_batch = max_tokens // seq
         est.max_seq = max_tokens // batch

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..config import WEIGHT_METHODS
 from ..errors import LorakitError
 from .estimate import ModelShape, estimate_memory, parse_size
 
@@ -52,7 +53,7 @@ def available_memory(device_kind: str) -> float:
 
 def estimate_method(cfg: Any) -> str:
     """The estimate's method for a RunConfig: full | freeze | qlora (a 4-bit base) | lora (and DoRA)."""
-    if cfg.train.method in ("full", "freeze"):
+    if cfg.train.method in WEIGHT_METHODS:
         return cfg.train.method
     return "qlora" if cfg.model.quantize in ("nf4", "fp4") else "lora"
 
@@ -69,11 +70,6 @@ def estimate_run(shape: ModelShape, cfg: Any, precision: str, overhead: float, b
                            dora=cfg.lora.use_dora, freeze_layers=cfg.train.freeze_layers)
 
 
-def _estimate(shape: ModelShape, cfg: Any, precision: str, overhead: float, batch: int, ckpt: bool,
-              device_memory: float | None = None):
-    return estimate_run(shape, cfg, precision, overhead, batch, ckpt, device_memory)
-
-
 def _gib(x: float) -> str:
     return f"{x / 2**30:.2f} GiB"
 
@@ -87,17 +83,17 @@ def fit_to_memory(shape: ModelShape, cfg: Any, precision: str, overhead: float, 
     batch = max(1, cfg.micro_tokens() // cfg.data.max_len) if by_tokens else t.batch_size
     accum, ckpt = t.grad_accum, t.grad_checkpointing
     room = HEADROOM * available
-    est = _estimate(shape, cfg, precision, overhead, batch, ckpt).total
+    est = estimate_run(shape, cfg, precision, overhead, batch, ckpt).total
     first, changes = est, []
     if est > room and not ckpt:
         ckpt = True
-        est = _estimate(shape, cfg, precision, overhead, batch, ckpt).total
+        est = estimate_run(shape, cfg, precision, overhead, batch, ckpt).total
         changes.append(f"train.grad_checkpointing true (estimated peak {_gib(first)} → {_gib(est)})")
     rows, start = batch * accum, batch
     while est > room and batch > 1:
         batch = (batch + 1) // 2
         accum = math.ceil(rows / batch)
-        est = _estimate(shape, cfg, precision, overhead, batch, ckpt).total
+        est = estimate_run(shape, cfg, precision, overhead, batch, ckpt).total
     if batch != start and by_tokens:
         changes.append(f"train.grad_accum {t.grad_accum} → {accum} (micro-batches of {t.batch_tokens // accum:,} of "
                        f"the step's {t.batch_tokens:,} tokens; estimated peak {_gib(est)})")
@@ -105,7 +101,7 @@ def fit_to_memory(shape: ModelShape, cfg: Any, precision: str, overhead: float, 
         changes.append(f"train.batch_size {t.batch_size} → {batch} and train.grad_accum {t.grad_accum} → {accum} "
                        f"({batch * accum} rows per step as configured: {rows}; estimated peak {_gib(est)})")
     if est > room:
-        longest = _estimate(shape, cfg, precision, overhead, 1, True, device_memory=room).max_seq or 0
+        longest = estimate_run(shape, cfg, precision, overhead, 1, True, device_memory=room).max_seq or 0
         hint = (f"data.max_len {longest} would fit (with batch 1 and checkpointing); lower it, use --quantize nf4"
                 if longest >= 16 else "the weights and the framework alone take about that: use --quantize nf4")
         raise LorakitError(
