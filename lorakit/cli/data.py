@@ -1,4 +1,4 @@
-"""`lorakit data clean | inspect | convert | split`."""
+"""`lorakit data clean | inspect | convert | split | demo`."""
 
 from __future__ import annotations
 
@@ -139,6 +139,23 @@ def _split(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- demo ----------------------------------------------------------------------------------
+
+def _demo(args: argparse.Namespace) -> int:
+    from ..data import demo
+
+    out = Path(args.out)
+    make = demo.preference_examples if args.preference else demo.demo_examples
+    for split, examples in zip(("train", "val"), make()):
+        records = [{"prompt": ex["messages"][0]["content"], "chosen": ex["messages"][-1]["content"],
+                    "rejected": ex["rejected"]} if args.preference else {"messages": ex["messages"]} for ex in examples]
+        n = _write_jsonl_atomic(out / f"{split}.jsonl", records)
+        print(f"{n} {split} {'preference pairs' if args.preference else 'examples'} -> {out / f'{split}.jsonl'}")
+    what = "--train.objective dpo " if args.preference else ""
+    print(f"train on them: lorakit train {what}--data {out / 'train.jsonl'} --data.eval_path {out / 'val.jsonl'}")
+    return 0
+
+
 def _add_data(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="data_command", metavar="action", required=True)
     c = sub.add_parser("clean", help="PDF/DOCX/HTML/Markdown/text/code/JSON -> clean JSONL training text")
@@ -166,10 +183,13 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     s.add_argument("--val", type=float, default=0.05, help="fraction (< 1) or number of records")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out-dir", default=None)
+    d = sub.add_parser("demo", help="write the built-in demo task as files (OUT/train.jsonl, OUT/val.jsonl)")
+    d.add_argument("--out", required=True, help="folder to write")
+    d.add_argument("--preference", action="store_true", help="the preference demo: prompt/chosen/rejected pairs")
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    return {"clean": _clean, "inspect": _inspect, "convert": _convert, "split": _split}[args.data_command](args)
+    return {"clean": _clean, "inspect": _inspect, "convert": _convert, "split": _split, "demo": _demo}[args.data_command](args)
 
 
-DATA_COMMAND = {"data": ("Prepare data: clean documents, inspect, convert, split.", _add_data, _cmd_data)}
+DATA_COMMAND = {"data": ("Prepare data: clean documents, inspect, convert, split, write the demo.", _add_data, _cmd_data)}

@@ -76,7 +76,7 @@ def run_config(args: argparse.Namespace, demo: bool = True, extra: dict | None =
     """(RunConfig, uses_demo) as ``train`` builds it: defaults < demo settings (no data given and
     ``demo``) < ``--config FILE`` (Hugging Face names translated) < ``extra`` < the flags."""
     from ..config import WEIGHT_METHODS, load_yaml, merge_nested, run_config_from_dict, translate_aliases
-    from ..data.demo import DEMO_OVERRIDES
+    from ..data.demo import DEMO_OVERRIDES, PREFERENCE_DEMO_OVERRIDES
 
     file_cfg: dict = {}
     if args.config:
@@ -90,6 +90,8 @@ def run_config(args: argparse.Namespace, demo: bool = True, extra: dict | None =
     if uses_demo and (user.get("train") or {}).get("method") in WEIGHT_METHODS and "lr" not in (user.get("train") or {}):
         # the demo's rate is an adapter's; full/freeze take their own default
         layers["train"] = {k: v for k, v in layers["train"].items() if k != "lr"}
+    if uses_demo and (user.get("train") or {}).get("objective", "sft") != "sft":
+        layers = merge_nested(layers, PREFERENCE_DEMO_OVERRIDES)  # the preference demo: its own run folder
     layers = merge_nested(layers, user)
     return run_config_from_dict(layers, args.config or "flags"), uses_demo
 

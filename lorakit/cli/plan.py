@@ -123,6 +123,12 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         return 0
     print(f"{cfg.model.name} ({shape.model_type}, {shape.total_params / 1e6:.1f}M parameters, {shape.layers} layers)")
     print(format_estimate(est))
+    if cfg.train.objective != "sft":
+        print(f"\ntrain.objective {cfg.train.objective}: a pair's chosen and rejected answers share the step's tokens "
+              "(one packed row, or two padded rows)"
+              + ("; the reference is the base with the adapter switched off: no second copy of the model, and its "
+                 "forward runs without gradients (no activations kept): +0 MiB" if cfg.train.objective == "dpo"
+                 else "; no reference model"))
     if kind == "cpu":
         print("\nnote: this is the peak of live tensors. On CPU, glibc's allocator keeps freed activations, and "
               "peak RSS measured 1.1-2.3x this estimate (docs/benchmarks.md); MALLOC_MMAP_THRESHOLD_=65536 "

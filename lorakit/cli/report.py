@@ -7,10 +7,8 @@ from ..config import WEIGHT_METHODS, RunConfig
 __all__ = ["print_train_summary"]
 
 
-def _fmt(v: float | None, unit: str = "") -> str:
-    if v is None or v != v:
-        return "-"
-    return f"{v:.1f}{unit}" if unit == "%" else f"{v:.4f}"
+def _fmt(v: float | None, fmt: str) -> str:
+    return "-" if v is None or v != v else fmt.format(v)
 
 
 def print_train_summary(result, cfg: RunConfig) -> None:
@@ -29,13 +27,14 @@ def print_train_summary(result, cfg: RunConfig) -> None:
               "(model matmul FLOPs per token x tokens/s; docs/training.md)")
     if r.interrupted:
         return
-    rows = [("eval loss", "eval_loss", ""), ("perplexity", "eval_ppl", ""), ("exact match", "exact_match", "%")]
+    from ..training.model_card import SCORE_ROWS
+
     print()
     trained = "fine-tuned" if weights else "with adapter"
     print(f"  {'held-out':<14}{'base':>12}{trained:>16}")
-    for label, key, unit in rows:
+    for label, key, fmt in SCORE_ROWS:
         if key in r.after or key in r.before:
-            print(f"  {label:<14}{_fmt(r.before.get(key), unit):>12}{_fmt(r.after.get(key), unit):>16}")
+            print(f"  {label:<14}{_fmt(r.before.get(key), fmt):>12}{_fmt(r.after.get(key), fmt):>16}")
     if r.samples:
         print()
         for q, base, new in r.samples:

@@ -90,7 +90,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg, uses_demo = run_config(args)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone prints
     if uses_demo and main_rank:
-        print("no --data given: training on the built-in demo task (date normalisation + identity)")
+        print("no --data given: training on the built-in demo task (date normalisation + identity"
+              + (", as preference pairs: the strict answer chosen, other styles rejected)" if cfg.train.objective != "sft"
+                 else ")"))
     cfg = _fit_memory(cfg, main_rank)
     result = train(cfg)
     if main_rank:

@@ -13,7 +13,7 @@ from .rank_schedule import parse_rank_schedule
 
 __all__ = ["LoraConfig", "ModelConfig", "DataConfig", "TrainConfig", "RunConfig", "SECTIONS", "BIAS_CHOICES", "DEFAULT_MODEL",
            "QUANT_CHOICES", "QUANT_ROUNDINGS", "METHODS", "WEIGHT_METHODS", "ADAPTER_LR", "WEIGHT_LR", "TASK_MERGES", "COMBINE_METHODS", "SIGN_METHODS", "OPTIMIZERS", "SCHEDULES", "DTYPE_CHOICES", "PRECISIONS", "INIT_CHOICES",
-           "valid_init", "one_of", "resolve_batch_tokens"]
+           "valid_init", "one_of", "resolve_batch_tokens", "OBJECTIVES", "PREFERENCE_BETA"]
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 QUANT_CHOICES = ("none", "nf4", "fp4", "int8")
@@ -21,6 +21,8 @@ QUANT_ROUNDINGS = ("nearest", "gptq")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 METHODS = ("lora", "dora", "full", "freeze")  # train.method
 WEIGHT_METHODS = ("full", "freeze")  # methods that train the model's own weights (no adapter)
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo")  # train.objective; all but sft train on preference pairs
+PREFERENCE_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0}  # train.beta when unset (TRL's and the SimPO paper's)
 ADAPTER_LR, WEIGHT_LR = 2e-4, 5e-5  # train.lr when unset: adapters, and full/freeze tuning
 DEFAULT_MODEL = "smollm2-135m"  # the embedded SmolLM2-135M-Instruct (lorakit.base.source)
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # weights and compute dtypes (torch's names)
@@ -213,6 +215,12 @@ class TrainConfig:
     """Run folder: adapter/, checkpoints/, metrics.jsonl, loss.png, config.yaml."""
     method: str = "lora"
     """What trains: lora (A and B) | dora (DoRA: A, B and a per-output magnitude; same as lora.use_dora true) | full (the model's own weights, in fp32 master copies; saves a transformers folder) | freeze (only the last train.freeze_layers decoder blocks, as full)."""
+    objective: str = "sft"
+    """What the loss is: sft (next-token loss on the answers) | dpo (preference pairs; the reference is the base with the adapter off, no second copy) | orpo (pairs; the chosen answers' loss plus an odds-ratio term, no reference) | simpo (pairs; length-normalised margin, no reference)."""
+    beta: Union[float, None] = None
+    """dpo/orpo/simpo: β, how strongly the preference pulls (unset: 0.1 for dpo and orpo, 2.0 for simpo)."""
+    simpo_gamma: float = 0.5
+    """simpo: the target reward margin γ."""
     freeze_layers: int = 2
     """freeze: how many of the last decoder blocks train (negative: the first |N| blocks)."""
     trainable_modules: Union[list[str], str, None] = None
@@ -277,6 +285,11 @@ class TrainConfig:
     """Plateau schedule: evaluations without a 1% eval-loss improvement before the rank grows."""
 
     @property
+    def preference_beta(self) -> float:
+        """train.beta, or the objective's default when it is unset."""
+        return float(self.beta) if self.beta is not None else PREFERENCE_BETA.get(self.objective, 0.0)
+
+    @property
     def peak_lr(self) -> float:
         """train.lr, or the method's default when it is unset."""
         if self.lr is not None:
@@ -284,13 +297,16 @@ class TrainConfig:
         return WEIGHT_LR if self.method in WEIGHT_METHODS else ADAPTER_LR
 
     def __post_init__(self) -> None:
-        if isinstance(self.lr, str):  # YAML reads 1e-4 (no dot) as a string
-            try:
-                self.lr = float(self.lr)
-            except ValueError:
-                raise LorakitError(f"train.lr must be a number, got {self.lr!r}") from None
-        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or self.lr <= 0):
-            raise LorakitError(f"train.lr must be positive, got {self.lr!r}")
+        for key in ("lr", "beta"):
+            value = getattr(self, key)
+            if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise LorakitError(f"train.{key} must be a number, got {value!r}") from None
+                setattr(self, key, value)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise LorakitError(f"train.{key} must be positive, got {value!r}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise LorakitError("train.batch_size and train.grad_accum must be at least 1")
         if self.batch_tokens < 0:
@@ -299,6 +315,8 @@ class TrainConfig:
             raise LorakitError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.method not in METHODS:
             raise LorakitError(f"train.method must be {one_of(METHODS)}, got {self.method!r}")
+        if self.objective not in OBJECTIVES:
+            raise LorakitError(f"train.objective must be {one_of(OBJECTIVES)}, got {self.objective!r}")
         if self.freeze_layers == 0:
             raise LorakitError("train.freeze_layers 0 trains nothing; give the number of last blocks to train (e.g. 2)")
         if isinstance(self.trainable_modules, list) and not self.trainable_modules:
@@ -333,6 +351,10 @@ class RunConfig:
             self.lora.use_dora = True
         if self.train.method in WEIGHT_METHODS:
             _check_weight_method(self)
+        if self.train.objective == "dpo" and self.train.method in WEIGHT_METHODS:
+            raise LorakitError(f"train.objective dpo compares with a reference: the base with the adapter switched off, "
+                               f"which train.method {self.train.method} does not have; use --train.method lora, or "
+                               "--train.objective orpo or simpo (no reference)")
         if self.lora.init == "eora" and self.model.quantize not in ("nf4", "fp4"):
             raise LorakitError(f"lora.init eora corrects a 4-bit base's rounding error: it needs model.quantize nf4 or "
                                f"fp4 (got {self.model.quantize!r})")

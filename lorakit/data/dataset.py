@@ -1,5 +1,9 @@
 """From a DataConfig to tokenized train/validation examples: read, normalise, template, tokenize,
-truncate or drop, split — cached on disk so a second run does not tokenize again."""
+truncate or drop, split — cached on disk so a second run does not tokenize again.
+
+For a preference objective (``pairs``) each record is a pair: examples 2j and 2j+1 are its prompt
+with the chosen and with the rejected answer, labels on that answer only; pairs are split, kept
+or dropped whole."""
 
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ class Prepared:
     scorer: Callable[[str, str], bool] | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     from_cache: bool = False
+    pairs: bool = False  # train/val hold preference pairs: (chosen, rejected) at 2j, 2j+1
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -49,9 +54,11 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def _cache_key(cfg: DataConfig, template: str, tokenizer: Any, seed: int, sources: list[Path] | None) -> str:
+def _cache_key(cfg: DataConfig, template: str, tokenizer: Any, seed: int, sources: list[Path] | None,
+               pairs: bool = False) -> str:
     h = hashlib.sha256()
     parts = {k: getattr(cfg, k) for k in ("format", "columns", "max_len", "truncation", "train_on_prompt", "val_size")}
+    parts.update(pairs=pairs) if pairs else None  # (SFT keys stay as they were: existing caches stay valid)
     h.update(json.dumps({**parts, "template": template, "seed": seed, "v": _CACHE_VERSION}, sort_keys=True).encode())
     h.update(tokenizer_fingerprint(tokenizer).encode())
     for f in sources or []:
@@ -107,8 +114,40 @@ def _encode_all(examples: list[tuple[str, dict]], template: str, tokenizer: Any,
     return out
 
 
+def _encode_pairs(examples: list[tuple[str, dict]], template: str, tokenizer: Any, cfg: DataConfig,
+                  stats: dict[str, int]) -> list[tuple[int, Encoded]]:
+    """Pairs as consecutive (chosen, rejected) examples; a pair goes whole when either side has
+    no answer token left after truncation."""
+    out: list[tuple[int, Encoded]] = []
+    for i, (where, ex) in enumerate(examples):
+        if "rejected" not in ex:
+            raise LorakitError(f"{where}: not a preference pair: a preference objective (train.objective) needs "
+                               "records with a prompt, a 'chosen' and a 'rejected' answer (data.columns maps other names)")
+        rejected = {"messages": ex["messages"][:-1] + [{"role": "assistant", "content": ex["rejected"]}]}
+        pair = []
+        for side in (ex, rejected):
+            enc = encode_example(side, template, tokenizer, False, where, final_only=True)
+            stats["too_long"] += len(enc.input_ids) > cfg.max_len
+            pair.append(_truncate(enc, cfg.max_len, cfg.truncation))
+        if any(e is None for e in pair):
+            stats["dropped_too_long"] += 1
+        elif any(e.n_labels == 0 or all(x == -100 for x in e.labels[1:]) for e in pair):
+            stats["dropped_no_labels"] += 1
+        else:
+            out.append((i, pair))  # type: ignore[arg-type]
+    if not out:
+        raise LorakitError(f"no preference pair has an answer token left within data.max_len={cfg.max_len} "
+                           f"({stats['dropped_too_long']} too long, {stats['dropped_no_labels']} cut before the answer); "
+                           "raise data.max_len")
+    return out
+
+
+def _flat(pairs: list[list[Encoded]]) -> list[Encoded]:
+    return [e for pair in pairs for e in pair]
+
+
 def _save_cache(path: Path, prepared: Prepared) -> None:
-    tensors, meta = {}, {"template": prepared.template, "stats": prepared.stats}
+    tensors, meta = {}, {"template": prepared.template, "stats": prepared.stats, "pairs": prepared.pairs}
     for split in ("train", "val"):
         exs = getattr(prepared, split)
         lengths = [len(e.input_ids) for e in exs]
@@ -140,43 +179,50 @@ def _load_cache(path: Path) -> tuple[dict[str, list[Encoded]], dict] | None:
     return out, meta
 
 
-def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Path | None = None) -> Prepared:
-    """Tokenized train/val examples for ``cfg`` (the demo task when cfg.path is None)."""
-    template = resolve_template(cfg.template, tokenizer)
+def _raw_examples(cfg: DataConfig, pairs: bool) -> tuple[list, list | None, list, Any, list[Path] | None]:
+    """(train records, separate validation records or None, held-out chats, scorer, source files)."""
     sources = None if cfg.path is None else data_files(cfg.path)
-    eval_sources = None if cfg.eval_path is None else data_files(cfg.eval_path)
-    val_chats: list[tuple[list[dict], str]] = []
-    scorer = None
     if sources is None:
-        train_raw, val_raw = demo.demo_examples(n_val=int(cfg.val_size) if cfg.val_size >= 1 else 48)
-        scorer = demo.score
+        make = demo.preference_examples if pairs else demo.demo_examples
+        train_raw, val_raw = make(n_val=int(cfg.val_size) if cfg.val_size >= 1 else 48)
         val_chats = [(ex["messages"][:-1], ex["messages"][-1]["content"]) for ex in val_raw]
-        train_ex = [(f"demo train {i}", ex) for i, ex in enumerate(train_raw)]
-        val_ex = [(f"demo val {i}", ex) for i, ex in enumerate(val_raw)]
-    else:
-        train_ex = load_examples(sources, cfg.format, cfg.columns)
-        val_ex = load_examples(eval_sources, cfg.format, cfg.columns) if eval_sources else None
+        return ([(f"demo train {i}", ex) for i, ex in enumerate(train_raw)],
+                [(f"demo val {i}", ex) for i, ex in enumerate(val_raw)], val_chats, demo.score, None)
+    eval_sources = None if cfg.eval_path is None else data_files(cfg.eval_path)
+    train_ex = load_examples(sources, cfg.format, cfg.columns)
+    val_ex = load_examples(eval_sources, cfg.format, cfg.columns) if eval_sources else None
+    return train_ex, val_ex, [], None, sources + (eval_sources or [])
 
-    key = _cache_key(cfg, template, tokenizer, seed, None if sources is None else sources + (eval_sources or []))
+
+def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Path | None = None,
+                 pairs: bool = False) -> Prepared:
+    """Tokenized train/val examples for ``cfg`` (the demo task when cfg.path is None); ``pairs``:
+    preference pairs (see the module doc)."""
+    template = resolve_template(cfg.template, tokenizer)
+    train_ex, val_ex, val_chats, scorer, sources = _raw_examples(cfg, pairs)
+    key = _cache_key(cfg, template, tokenizer, seed, sources, pairs)
     cache_path = (cache_dir / f"{key}.safetensors") if (cache_dir is not None and cfg.cache) else None
     cached = _load_cache(cache_path) if cache_path is not None else None
     if cached is not None:
         splits, meta = cached
-        return Prepared(splits["train"], splits["val"], meta["template"], val_chats, scorer, meta["stats"], True)
+        return Prepared(splits["train"], splits["val"], meta["template"], val_chats, scorer, meta["stats"], True,
+                        bool(meta.get("pairs")))
 
     stats = {"records": len(train_ex), "too_long": 0, "dropped_too_long": 0, "dropped_no_labels": 0}
-    encoded = _encode_all(train_ex, template, tokenizer, cfg, stats)
+    encode = _encode_pairs if pairs else _encode_all
+    unit = _flat if pairs else (lambda es: es)  # a unit: one example, or one pair
+    encoded = encode(train_ex, template, tokenizer, cfg, stats)
     if val_ex is not None:
-        val_encoded = [e for _, e in _encode_all(val_ex, template, tokenizer, cfg, dict(stats))]
-        train = [e for _, e in encoded]
+        val_encoded = unit([e for _, e in encode(val_ex, template, tokenizer, cfg, dict(stats))])
+        train = unit([e for _, e in encoded])
     elif cfg.val_size > 0 and len(encoded) > 1:
         tr, va = _split(len(encoded), cfg.val_size, seed)
-        train, val_encoded = [encoded[i][1] for i in tr], [encoded[i][1] for i in va]
+        train, val_encoded = unit([encoded[i][1] for i in tr]), unit([encoded[i][1] for i in va])
     else:
-        train, val_encoded = [e for _, e in encoded], []
+        train, val_encoded = unit([e for _, e in encoded]), []
     stats.update(train_examples=len(train), val_examples=len(val_encoded),
                  train_tokens=sum(len(e.input_ids) for e in train), train_labels=sum(e.n_labels for e in train))
-    prepared = Prepared(train, val_encoded, template, val_chats, scorer, stats)
+    prepared = Prepared(train, val_encoded, template, val_chats, scorer, stats, pairs=pairs)
     if cache_path is not None:
         _save_cache(cache_path, prepared)
     return prepared

@@ -5,6 +5,11 @@ Two skills SmolLM2-135M-Instruct lacks and learns in minutes:
 - identity: "who are you?" in many phrasings -> one fixed answer naming lorakit.
 Train and held-out examples come from disjoint seeds (different dates) and, for identity,
 disjoint phrasings. ``score`` is exact match after trimming whitespace.
+
+The preference demo (``preference_examples``, for ``train.objective dpo|orpo|simpo``) asks the
+same questions; each pair prefers the strict answer over the same content in another style (the
+date written out, the verbose sentence a chat model tends to give, another assistant's name), so
+the preferred-answer rate is the exact match of the greedy answer with the chosen one.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from __future__ import annotations
 import calendar
 import random
 
-__all__ = ["IDENTITY_ANSWER", "demo_examples", "score", "DEMO_OVERRIDES"]
+__all__ = ["IDENTITY_ANSWER", "demo_examples", "preference_examples", "score", "DEMO_OVERRIDES",
+           "PREFERENCE_DEMO_OVERRIDES"]
 
 IDENTITY_ANSWER = "I am Kit, a small assistant fine-tuned with lorakit."
 _MONTHS = list(calendar.month_name)[1:]
@@ -29,6 +35,12 @@ DEMO_OVERRIDES = {
     "train": {"lr": 1e-3, "max_steps": 60, "batch_size": 2, "warmup": 5, "eval_samples": 48,
               "log_every": 5, "save_every": 30, "out_dir": "runs/demo"},
 }
+
+
+# The preference demo's layer over DEMO_OVERRIDES (its own run folder: both demos can be kept).
+PREFERENCE_DEMO_OVERRIDES = {"train": {"out_dir": "runs/demo-pref"}}
+_OTHER_IDENTITIES = ["I am an AI assistant. How can I help you today?", "I'm ChatBot, a helpful assistant.",
+                     "I am a large language model.", "I am Kit."]
 
 
 def _ordinal(n: int) -> str:
@@ -68,6 +80,25 @@ def demo_examples(n_train: int = 480, n_val: int = 48, seed: int = 0) -> tuple[l
         if ex["messages"][0]["content"] not in seen:
             val.append(ex)
     return train, val
+
+
+def _other_style(answer: str, rng: random.Random) -> str:
+    """The same answer in a style the pairs reject."""
+    if answer == IDENTITY_ANSWER:
+        return rng.choice(_OTHER_IDENTITIES)
+    y, m, d = (int(x) for x in answer.split("-"))
+    month = _MONTHS[m - 1]
+    return rng.choice([f"{month} {d}, {y}", f"{d} {month} {y}", f"{m:02d}/{d:02d}/{y}", f"The date is {answer}.",
+                       f"{answer} (year-month-day)", f"{y}/{m}/{d}", f"{_ordinal(d)} of {month} {y}"])
+
+
+def preference_examples(n_train: int = 480, n_val: int = 48, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) preference pairs over the demo's questions: ``{"messages": [user, chosen],
+    "rejected": str}`` (the shape lorakit.data.formats gives a pair)."""
+    rng = random.Random(seed + 1)
+    splits = demo_examples(n_train, n_val, seed)
+    return tuple([{**ex, "rejected": _other_style(ex["messages"][-1]["content"], rng)} for ex in split]
+                 for split in splits)  # type: ignore[return-value]
 
 
 def score(prediction: str, reference: str) -> bool:

@@ -4,8 +4,12 @@
 - ``{"text": str}`` (continued pre-training).
 
 Input formats: alpaca (instruction/input/output/system/history), sharegpt (conversations with
-from/value, system), OpenAI messages (role/content), plain text. Auto-detected from the first
-record, or forced; ``columns`` maps our field names to the file's.
+from/value, system), OpenAI messages (role/content), plain text, and preference pairs
+(``chosen``/``rejected``, with a ``prompt``, an alpaca ``instruction`` or sharegpt ``conversations``,
+or an implicit prompt: the turns chosen and rejected conversations share; TRL's and LLaMA-Factory's
+layouts). A pair becomes ``{"messages": [... the prompt, the chosen answer], "rejected": str}``: a
+chat that SFT trains on as it is (its chosen answer), and the preference objectives read whole.
+Auto-detected from the first record, or forced; ``columns`` maps our field names to the file's.
 Files: .json (array), .jsonl, .csv, .parquet; a directory (all such files in it) or several files.
 Every problem names the file and line (or record) and what to do.
 """
@@ -21,7 +25,7 @@ from ..errors import LorakitError
 
 __all__ = ["FORMATS", "read_records", "detect_format", "to_examples", "load_examples", "data_files"]
 
-FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text")
+FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text", "preference")
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
                    "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
@@ -137,6 +141,8 @@ def _records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def detect_format(record: dict[str, Any], where: str) -> str:
+    if "chosen" in record and "rejected" in record:
+        return "preference"
     if "messages" in record:
         return "messages"
     if "conversations" in record:
@@ -146,7 +152,7 @@ def detect_format(record: dict[str, Any], where: str) -> str:
     if "text" in record:
         return "text"
     raise LorakitError(f"{where}: cannot tell the data format from the keys {sorted(record)}; expected 'messages', "
-                       "'conversations', 'instruction'+'output' or 'text'. Set data.format (and data.columns to map names)")
+                       "'conversations', 'instruction'+'output', 'text' or 'chosen'+'rejected'. Set data.format (and data.columns to map names)")
 
 
 def _text(value: Any, where: str, key: str, allow_empty: bool = False) -> str:
@@ -228,7 +234,63 @@ def _plain(rec: dict, where: str, columns: dict[str, str]) -> dict:
     return {"text": _text(_get(rec, "text", columns, where), where, columns.get("text", "text"))}
 
 
-_CONVERTERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "messages": _messages, "text": _plain}
+def _turns(value: Any, where: str, key: str, default_role: str) -> list[dict]:
+    """A string (one turn of ``default_role``), one {role|from, content|value} object, or a list of them."""
+    if isinstance(value, str):
+        return [{"role": default_role, "content": _text(value, where, key)}]
+    items = [value] if isinstance(value, dict) else value
+    if not isinstance(items, list) or not items:
+        raise LorakitError(f"{where}: {key!r} must be a string, a {{role, content}} object or a list of them")
+    out = []
+    for n, m in enumerate(items):
+        speaker = m.get("role", m.get("from")) if isinstance(m, dict) else None
+        role = _SHAREGPT_ROLES.get(str(speaker).lower())
+        if role is None:
+            raise LorakitError(f"{where}: {key}[{n}] needs a role (user, assistant or system), got {speaker!r}")
+        out.append({"role": role, "content": _text(m.get("content", m.get("value")), where, f"{key}[{n}].content")})
+    return out
+
+
+def _preference_prompt(rec: dict, where: str, columns: dict[str, str]) -> list[dict] | None:
+    """The prompt turns of a pair, or None when the prompt is implicit (inside chosen/rejected)."""
+    col = lambda k: columns.get(k, k)  # noqa: E731
+    if col("prompt") in rec:
+        turns = _turns(rec[col("prompt")], where, col("prompt"), "user")
+    elif col("instruction") in rec:
+        turns = _alpaca({**rec, col("output"): "-"}, where, columns)["messages"][:-1]
+    elif col("conversations") in rec:
+        turns = _turns(rec[col("conversations")], where, col("conversations"), "user")
+    else:
+        return None
+    system = _get(rec, "system", columns, where, required=False)
+    if system and turns[0]["role"] != "system":
+        turns.insert(0, {"role": "system", "content": _text(system, where, "system")})
+    return turns
+
+
+def _preference(rec: dict, where: str, columns: dict[str, str]) -> dict:
+    chosen = _turns(_get(rec, "chosen", columns, where), where, columns.get("chosen", "chosen"), "assistant")
+    rejected = _turns(_get(rec, "rejected", columns, where), where, columns.get("rejected", "rejected"), "assistant")
+    prompt = _preference_prompt(rec, where, columns)
+    if prompt is None:  # implicit prompt: the turns both conversations share
+        k = 0
+        while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
+            k += 1
+        prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
+        if not prompt:
+            raise LorakitError(f"{where}: no prompt: give a 'prompt' (or 'instruction' / 'conversations'), or chosen and "
+                               "rejected conversations that start with the same user turn")
+    for key, turns in (("chosen", chosen), ("rejected", rejected)):
+        if len(turns) != 1 or turns[0]["role"] != "assistant":
+            raise LorakitError(f"{where}: {key!r} must be one assistant answer to the prompt, got "
+                               f"{len(turns)} turn(s) ({', '.join(t['role'] for t in turns)})")
+    if prompt[-1]["role"] != "user":
+        raise LorakitError(f"{where}: the prompt must end with a user turn, it ends with a {prompt[-1]['role']} turn")
+    return {"messages": prompt + chosen, "rejected": rejected[0]["content"]}
+
+
+_CONVERTERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "messages": _messages, "text": _plain,
+               "preference": _preference}
 
 
 def _check_chat(example: dict, where: str) -> None:

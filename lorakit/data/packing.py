@@ -4,6 +4,8 @@
   at 0 for each example, which is how the packed attention (``lorakit.ops.attention``) keeps
   examples from attending to each other, and labels never cross an example boundary.
 - ``pad``: length-grouped rows of one example each, right-padded, with an attention mask.
+- ``pairs``: examples 2j and 2j+1 are a preference pair (chosen, rejected); the plan keeps them
+  together (one packed row, or consecutive padded rows) so one forward scores both.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ class Batch:
     attention_mask: torch.Tensor | None  # (B, T) for padded batches, None for packed ones
     n_tokens: int  # real (non-padding) tokens
     n_labels: int  # positions the loss sees
+    doc_ids: torch.Tensor | None = None  # (B, T) the index of the example each token is from, -1 for padding
 
     def to(self, device) -> "Batch":
         return Batch(self.input_ids.to(device), self.labels.to(device), self.position_ids.to(device),
-                     None if self.attention_mask is None else self.attention_mask.to(device), self.n_tokens, self.n_labels)
+                     None if self.attention_mask is None else self.attention_mask.to(device), self.n_tokens, self.n_labels,
+                     None if self.doc_ids is None else self.doc_ids.to(device))
 
 
 def pack_rows(lengths: list[int], max_len: int) -> list[list[int]]:
@@ -78,6 +82,7 @@ def collate_packed(rows: list[list[int]], examples: list[Encoded], pad_id: int) 
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), -100, dtype=torch.long)
     pos = torch.zeros((B, T), dtype=torch.long)
+    docs = torch.full((B, T), -1, dtype=torch.long)
     n_tokens = 0
     for b, row in enumerate(rows):
         t = 0
@@ -89,13 +94,14 @@ def collate_packed(rows: list[list[int]], examples: list[Encoded], pad_id: int) 
             lab[0] = -100  # the first token of an example is never predicted from the previous example
             labels[b, t:t + n] = lab
             pos[b, t:t + n] = torch.arange(n)
+            docs[b, t:t + n] = i
             t += n
         n_tokens += t
         # Row tail: a separate "document" of padding (positions restart), no labels.
         if t < T:
             pos[b, t:] = torch.arange(T - t)
     n_labels = int((labels[:, 1:] != -100).sum())
-    return Batch(ids, labels, pos, None, n_tokens, n_labels)
+    return Batch(ids, labels, pos, None, n_tokens, n_labels, docs)
 
 
 def collate_padded(group: list[int], examples: list[Encoded], pad_id: int) -> Batch:
@@ -104,22 +110,31 @@ def collate_padded(group: list[int], examples: list[Encoded], pad_id: int) -> Ba
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), -100, dtype=torch.long)
     mask = torch.zeros((B, T), dtype=torch.long)
+    docs = torch.full((B, T), -1, dtype=torch.long)
     for b, i in enumerate(group):
         e = examples[i]
         n = len(e.input_ids)
         ids[b, :n] = torch.tensor(e.input_ids)
         labels[b, :n] = torch.tensor(e.labels)
         mask[b, :n] = 1
+        docs[b, :n] = i
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     n_labels = int((labels[:, 1:] != -100).sum())
-    return Batch(ids, labels, pos, mask, int(mask.sum()), n_labels)
+    return Batch(ids, labels, pos, mask, int(mask.sum()), n_labels, docs)
 
 
 def batch_plan(examples: list[Encoded], max_len: int, batch_size: int, packing: bool, seed: int,
-               max_tokens: int = 0) -> list[list]:
+               max_tokens: int = 0, pairs: bool = False) -> list[list]:
     """One epoch of micro-batches as example indices, in a seed-determined order: for packing,
     each item is a list of rows (lists of indices); otherwise a list of indices, one per row
-    (``batch_size`` of them, or, with ``max_tokens``, as many as fit that token budget padded)."""
+    (``batch_size`` of them, or, with ``max_tokens``, as many as fit that token budget padded).
+    ``pairs``: the unit is a pair (2j, 2j+1) of ``max_len`` tokens together (a pair longer than that
+    is a row alone); unpacked, ``batch_size`` pairs per micro-batch, each pair as two rows."""
+    if pairs:
+        units = [Encoded(examples[j].input_ids + examples[j + 1].input_ids, []) for j in range(0, len(examples), 2)]
+        plan = batch_plan(units, max_len, batch_size, packing, seed, max_tokens)  # a pair padded: ~ its two lengths
+        expand = lambda row: [i for u in row for i in (2 * u, 2 * u + 1)]  # noqa: E731
+        return [[expand(row) for row in item] for item in plan] if packing else [expand(item) for item in plan]
     lengths = [len(e.input_ids) for e in examples]
     rng = random.Random(seed)
     if packing:
@@ -137,6 +152,7 @@ def collate(item: list, examples: list[Encoded], packing: bool, pad_id: int) -> 
 
 
 def make_batches(examples: list[Encoded], max_len: int, batch_size: int, packing: bool, pad_id: int,
-                 seed: int) -> list[Batch]:
+                 seed: int, pairs: bool = False) -> list[Batch]:
     """One epoch of collated micro-batches (small data; the training loop collates lazily)."""
-    return [collate(item, examples, packing, pad_id) for item in batch_plan(examples, max_len, batch_size, packing, seed)]
+    return [collate(item, examples, packing, pad_id)
+            for item in batch_plan(examples, max_len, batch_size, packing, seed, pairs=pairs)]

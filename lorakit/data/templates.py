@@ -115,14 +115,18 @@ def generation_prompt(messages: list[dict], template: str, tokenizer: Any) -> st
 
 
 def encode_example(example: dict, template: str, tokenizer: Any, train_on_prompt: bool = False,
-                   where: str = "example") -> Encoded:
-    """Tokenize segment by segment; labels are the ids of trained segments, -100 elsewhere."""
+                   where: str = "example", final_only: bool = False) -> Encoded:
+    """Tokenize segment by segment; labels are the ids of trained segments, -100 elsewhere
+    (``final_only``: of the last trained segment only, the answer a preference pair scores)."""
+    segments = render_segments(example, template, tokenizer, where)
+    last = max((i for i, (_, trained) in enumerate(segments) if trained), default=-1)
     ids: list[int] = []
     labels: list[int] = []
-    for text, trained in render_segments(example, template, tokenizer, where):
+    for i, (text, trained) in enumerate(segments):
         if not text:
             continue
         seg = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids += seg
-        labels += seg if (trained or train_on_prompt) else [-100] * len(seg)
+        keep = i == last if final_only else (trained or train_on_prompt)
+        labels += seg if keep else [-100] * len(seg)
     return Encoded(ids, labels)

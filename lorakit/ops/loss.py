@@ -12,9 +12,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["linear_cross_entropy_sum", "label_positions", "causal_lm_loss_sum"]
+__all__ = ["linear_cross_entropy_sum", "label_positions", "causal_lm_loss_sum", "token_logprobs"]
 
 DEFAULT_CHUNK = 1024
+
+
+def _chunk_ce(h: Tensor, t: Tensor, weight: Tensor, bias: Tensor | None, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """CE of one chunk (n,) in fp32 and, when ``need_grad``, its gradient w.r.t. the logits
+    (softmax − one-hot, (n, V), fp32)."""
+    # fp32 here because a softmax over tens of thousands of classes loses mass in half precision.
+    logits = F.linear(h, weight, bias).float()  # (n, V)
+    picked = logits.gather(1, t[:, None]).squeeze(1)
+    # log-sum-exp and softmax in place: torch.logsumexp would allocate two more (n, V)
+    # temporaries, and the chunk's logits are the largest tensors of the step.
+    top = logits.amax(dim=-1, keepdim=True)
+    g = logits.sub_(top).exp_()  # exp(x - max)
+    norm = g.sum(dim=-1, keepdim=True)
+    ce = (top + norm.log()).squeeze(1) - picked
+    if not need_grad:
+        return ce, None
+    g.div_(norm)  # softmax
+    g[torch.arange(g.shape[0], device=g.device), t] -= 1.0
+    return ce, g
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -30,26 +49,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             h, t = hidden[s:s + chunk], targets[s:s + chunk]
-            # fp32 here because a softmax over tens of thousands of classes loses mass in half precision.
-            logits = F.linear(h, weight, bias).float()  # (n, V)
-            picked = logits.gather(1, t[:, None]).squeeze(1)
-            # log-sum-exp and softmax in place: torch.logsumexp would allocate two more (n, V)
-            # temporaries, and the chunk's logits are the largest tensors of the step.
-            top = logits.amax(dim=-1, keepdim=True)
-            g = logits.sub_(top).exp_()  # exp(x - max)
-            norm = g.sum(dim=-1, keepdim=True)
-            lse = (top + norm.log()).squeeze(1)
-            total += (lse - picked).sum()
-            if need_h or need_w or need_b:
-                g.div_(norm)  # softmax
-                g[torch.arange(g.shape[0], device=g.device), t] -= 1.0
+            ce, g = _chunk_ce(h, t, weight, bias, need_h or need_w or need_b)
+            total += ce.sum()
+            if g is not None:
                 if need_h:
                     grad_h[s:s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
                 if need_w:
                     grad_w += g.t() @ h.float()
                 if need_b:
                     grad_b += g.sum(0)
-            del logits, g  # before the next chunk's logits exist: one chunk alive at a time
+            del ce, g  # before the next chunk's logits exist: one chunk alive at a time
         ctx.save_for_backward(*(x for x in (grad_h, grad_w, grad_b) if x is not None))
         ctx.which = (need_h, need_w, need_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -63,6 +72,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gw = (next(saved) * grad_out).to(ctx.dtypes[1]) if need_w else None
         gb = (next(saved) * grad_out).to(ctx.dtypes[2]) if need_b else None
         return gh, gw, gb, None, None
+
+
+class _LinearTokenCE(torch.autograd.Function):
+    """Per-token CE (N,) through a head that does not train: the input's gradient is computed chunk
+    by chunk in forward, as above, and scaled per token in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int) -> Tensor:
+        need_h = ctx.needs_input_grad[0]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk):
+            ce, g = _chunk_ce(hidden[s:s + chunk], targets[s:s + chunk], weight, bias, need_h)
+            out[s:s + chunk] = ce
+            if g is not None:
+                grad_h[s:s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            del ce, g
+        ctx.save_for_backward(*(() if grad_h is None else (grad_h,)))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        gh = None
+        if ctx.saved_tensors:
+            gh = ctx.saved_tensors[0] * grad_out[:, None].to(ctx.saved_tensors[0].dtype)
+        return gh, None, None, None, None
 
 
 def linear_cross_entropy_sum(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
@@ -79,19 +114,31 @@ def label_positions(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return hidden[:, :-1][mask], labels[:, 1:][mask]
 
 
-def _generic_head_sum(head: nn.Module, hidden: Tensor, targets: Tensor, chunk: int, softcap: float | None) -> Tensor:
+def _generic_head_ce(head: nn.Module, hidden: Tensor, targets: Tensor, chunk: int, softcap: float | None,
+                     reduction: str) -> Tensor:
     # A LoRA-wrapped or fully trained head: chunked, each chunk's logits recomputed in backward.
     def chunk_loss(h: Tensor, t: Tensor) -> Tensor:
         logits = head(h).float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        return F.cross_entropy(logits, t, reduction="sum")
+        return F.cross_entropy(logits, t, reduction=reduction)
 
-    total = hidden.new_zeros((), dtype=torch.float32)
+    parts = []
     for s in range(0, hidden.shape[0], chunk):
         h, t = hidden[s:s + chunk], targets[s:s + chunk]
-        total = total + (checkpoint(chunk_loss, h, t, use_reentrant=False) if torch.is_grad_enabled() else chunk_loss(h, t))
-    return total
+        parts.append(checkpoint(chunk_loss, h, t, use_reentrant=False) if torch.is_grad_enabled() else chunk_loss(h, t))
+    if reduction == "sum":
+        return sum(parts, hidden.new_zeros((), dtype=torch.float32))
+    return torch.cat(parts) if parts else hidden.new_zeros((0,), dtype=torch.float32)
+
+
+def _label_hidden(model: nn.Module, input_ids: Tensor, labels: Tensor, position_ids: Tensor | None,
+                  attention_mask: Tensor | None) -> tuple[Tensor, Tensor, nn.Module, float | None]:
+    """The decoder's hidden states at label positions, their targets, the head and its softcap."""
+    body = model.base_model
+    out = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
+    hidden, targets = label_positions(out.last_hidden_state, labels)
+    return hidden, targets, model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
 
 
 def causal_lm_loss_sum(model: nn.Module, input_ids: Tensor, labels: Tensor, position_ids: Tensor | None = None,
@@ -100,11 +147,18 @@ def causal_lm_loss_sum(model: nn.Module, input_ids: Tensor, labels: Tensor, posi
 
     Runs the decoder for hidden states and projects only the label positions through the head.
     """
-    body = model.base_model
-    out = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
-    hidden, targets = label_positions(out.last_hidden_state, labels)
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    hidden, targets, head, softcap = _label_hidden(model, input_ids, labels, position_ids, attention_mask)
     if type(head) is nn.Linear and not softcap:
         return linear_cross_entropy_sum(hidden, head.weight, head.bias, targets, chunk), int(targets.numel())
-    return _generic_head_sum(head, hidden, targets, chunk, softcap), int(targets.numel())
+    return _generic_head_ce(head, hidden, targets, chunk, softcap, "sum"), int(targets.numel())
+
+
+def token_logprobs(model: nn.Module, input_ids: Tensor, labels: Tensor, position_ids: Tensor | None = None,
+                   attention_mask: Tensor | None = None, chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """log p(label) at each label position (N,), fp32, in ``label_positions`` order; differentiable."""
+    hidden, targets, head, softcap = _label_hidden(model, input_ids, labels, position_ids, attention_mask)
+    frozen = not (head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad)) \
+        if type(head) is nn.Linear else False
+    if frozen and not softcap and hidden.shape[0]:
+        return -_LinearTokenCE.apply(hidden, head.weight, head.bias, targets, chunk)
+    return -_generic_head_ce(head, hidden, targets, chunk, softcap, "none")

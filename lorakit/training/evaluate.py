@@ -14,8 +14,9 @@ from ..data.packing import make_batches
 from ..data.templates import Encoded, generation_prompt
 from ..inference.generation import Request, Sampling, generate_batch
 from ..ops.loss import causal_lm_loss_sum
+from .objective import Objective
 
-__all__ = ["eval_loss", "generate_answers", "exact_match", "perplexity", "evaluate_adapter"]
+__all__ = ["eval_loss", "preference_scores", "generate_answers", "exact_match", "perplexity", "evaluate_adapter"]
 
 
 @torch.no_grad()
@@ -35,6 +36,40 @@ def eval_loss(model: nn.Module, examples: list[Encoded], max_len: int, batch_siz
             total, count = total + float(s), count + n
     model.train(was_training)
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def preference_scores(lm: Any, objective: Objective, pairs: list[Encoded], max_len: int, batch_size: int, pad_id: int,
+                      device: torch.device) -> dict[str, float]:
+    """The objective's mean loss over held-out pairs (eval_loss), its rewards as logged in training
+    (eval_reward_acc: % of pairs whose chosen reward is higher; eval_reward_margin), and
+    eval_pref_acc: % of pairs whose chosen answer has the higher mean log-prob per token — a
+    measure that means the same for the base and for any objective."""
+    if not pairs:
+        return {"eval_loss": float("nan")}
+    model = lm.model
+    was_training = model.training
+    model.eval()
+    n = loss = nll = chosen_tokens = prefers = 0.0
+    stats: dict[str, float] = {}
+    with use_packed_attention(model):
+        for batch in make_batches(pairs, max_len, batch_size, True, pad_id, seed=0, pairs=True):
+            batch = batch.to(device)
+            with packed_positions(batch.position_ids):
+                scores = objective.score_pairs(lm, batch)
+            n += scores.losses.numel()
+            loss += float(scores.losses.sum())
+            prefers += float((scores.chosen_mean > scores.rejected_mean).sum())
+            if scores.nll_sum is not None:
+                nll += float(scores.nll_sum)
+                chosen_tokens += float(((batch.labels[:, 1:] != -100) & (batch.doc_ids[:, 1:] % 2 == 0)).sum())
+            for k, v in scores.stats().items():
+                stats[k] = stats.get(k, 0.0) + v
+    model.train(was_training)
+    out = {"eval_loss": loss / n + (nll / chosen_tokens if chosen_tokens else 0.0), "eval_pref_acc": 100.0 * prefers / n}
+    out.update({f"eval_{k}": v / n * (100.0 if k == "reward_acc" else 1.0) for k, v in stats.items()
+                if k in ("reward_acc", "reward_margin", "logp_chosen", "logp_rejected")})
+    return out
 
 
 def generate_answers(model: nn.Module, tokenizer: Any, chats: list[list[dict]], template: str,
@@ -65,13 +100,18 @@ def perplexity(loss: float) -> float:
 
 
 def evaluate_adapter(lm: Any, tokenizer: Any, prepared: Any, max_len: int, batch_size: int, eval_samples: int,
-                     device: torch.device, base: bool) -> tuple[dict[str, float], list[str]]:
-    """A LoraModel's held-out scores: eval loss and perplexity, and (when the data has a scorer)
-    exact match of greedy answers on the first ``eval_samples`` prompts; ``base`` disables the
-    adapter. Returns the scores and the answers."""
+                     device: torch.device, base: bool, objective: Objective | None = None) -> tuple[dict[str, float], list[str]]:
+    """A LoraModel's held-out scores: eval loss and perplexity (for preference pairs, the
+    objective's ``preference_scores``), and (when the data has a scorer) exact match of greedy
+    answers on the first ``eval_samples`` prompts — for pairs, with the chosen answer: the
+    preferred-answer rate; ``base`` disables the adapter. Returns the scores and the answers."""
     with lm.disable_adapter() if base else contextlib.nullcontext():
-        loss = eval_loss(lm.model, prepared.val, max_len, batch_size, tokenizer.pad_token_id, device)
-        out = {"eval_loss": loss, "eval_ppl": perplexity(loss)}
+        if prepared.pairs:
+            out = preference_scores(lm, objective or Objective("dpo"), prepared.val, max_len, batch_size,
+                                    tokenizer.pad_token_id, device)
+        else:
+            loss = eval_loss(lm.model, prepared.val, max_len, batch_size, tokenizer.pad_token_id, device)
+            out = {"eval_loss": loss, "eval_ppl": perplexity(loss)}
         answers: list[str] = []
         if prepared.scorer is not None and prepared.val_chats and eval_samples > 0:
             chats = prepared.val_chats[:eval_samples]

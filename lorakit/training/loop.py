@@ -31,10 +31,10 @@ from ..data.dataset import Prepared, prepare_data
 from ..data.packing import Batch, batch_plan, collate
 from ..errors import LorakitError
 from ..ops.attention import packed_positions, use_packed_attention
-from ..ops.loss import causal_lm_loss_sum
 from .checkpoint import Progress, rng_state, save_checkpoint
 from .distributed import DistContext, init_distributed
 from .evaluate import eval_loss, evaluate_adapter
+from .objective import Objective, make_objective
 from .model_card import data_summary, describe_adapter, describe_model
 from .rank_schedule import PlateauTracker, grow_adapter_rank
 from .runlog import NullLog, RunLog, peak_memory_mb
@@ -75,6 +75,7 @@ class Run:
     prepared: Prepared
     lm: LoraModel | FullTuning
     opt: Optimization
+    objective: Objective
     progress: Progress
     plateau: PlateauTracker | None
     log: Any  # RunLog on rank 0, NullLog elsewhere
@@ -95,7 +96,7 @@ class Run:
         # A full/freeze model mixes fp32 trained and half-precision frozen weights: it runs under autocast.
         with self.opt.autocast if isinstance(self.lm, FullTuning) else contextlib.nullcontext():
             return evaluate_adapter(self.lm, self.base.tokenizer, self.prepared, self.cfg.data.max_len, t.batch_size,
-                                    t.eval_samples, self.base.device, base)
+                                    t.eval_samples, self.base.device, base, self.objective)
 
     @property
     def label(self) -> str:
@@ -128,7 +129,8 @@ def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None
 def _setup(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable[[str], None]) -> Run:
     plan = check_run(cfg, ctx)
     base = load_base(cfg, plan, echo)
-    prepared = prepare_data(cfg.data, base.tokenizer, cfg.train.seed, cache_root() / "data")
+    objective = make_objective(cfg.train)
+    prepared = prepare_data(cfg.data, base.tokenizer, cfg.train.seed, cache_root() / "data", pairs=objective.pairs)
     calibrate_base(cfg, base, prepared, echo)
     echo(data_line(cfg, prepared))
     lm = make_adapter(cfg, base, plan.schedule, echo)
@@ -155,7 +157,7 @@ def _setup(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
         open_run_folder(cfg, plan, base, config_yaml, echo)
         log = RunLog(plan.out, opt.total_steps, progress.step, show_progress, cfg.train.plot, cfg.train.tensorboard,
                      resumed=plan.resume_from is not None)
-    run = Run(cfg, ctx, plan, base, prepared, lm, opt, progress, plateau, log, config_yaml, echo,
+    run = Run(cfg, ctx, plan, base, prepared, lm, opt, objective, progress, plateau, log, config_yaml, echo,
               before=dict(log.base_metrics),  # a resumed run reads the base scores from metrics.jsonl
               flops_per_token=train_flops_per_token(base.model), peak_flops=peak)
     if plan.resume_from is None and (ctx.is_main or ctx.fsdp):
@@ -200,7 +202,7 @@ def _micro_batches(run: Run) -> Iterator[Batch]:
     epoch, i = divmod(run.progress.micro_batches, per_epoch)
     while True:
         plan = batch_plan(run.prepared.train, cfg.data.max_len, t_cfg.batch_size, cfg.data.packing, t_cfg.seed + epoch,
-                          cfg.micro_tokens(run.ctx.world))
+                          cfg.micro_tokens(run.ctx.world), pairs=run.prepared.pairs)
         for item in plan[i:]:
             yield collate(item, run.prepared.train, cfg.data.packing, run.base.tokenizer.pad_token_id)
         epoch, i = epoch + 1, 0
@@ -215,21 +217,22 @@ def _loop(run: Run) -> None:
     run.tokens_at_start, run.t_loop = progress.tokens, time.perf_counter()
     while progress.step < opt.total_steps and run.stop is None:
         group = [next(stream) for _ in range(opt.step_micro)]
-        loss, grad_norm = _optimizer_step(run, group)
+        loss, grad_norm, stats = _optimizer_step(run, group)
         progress.step += 1
         progress.elapsed = time.perf_counter() - t_start
         run.loss = loss
         run.log.step(progress.step, loss, opt.scheduler.get_last_lr()[0], grad_norm, progress.tokens,
-                     run.tokens_per_s(), write=progress.step % t_cfg.log_every == 0 or progress.step == opt.total_steps)
+                     run.tokens_per_s(), write=progress.step % t_cfg.log_every == 0 or progress.step == opt.total_steps,
+                     extra=stats)
         _between_steps(run)
 
 
-def _optimizer_step(run: Run, group: list[Batch]) -> tuple[float, float]:
+def _optimizer_step(run: Run, group: list[Batch]) -> tuple[float, float, dict[str, float]]:
     """One optimizer step over ``group`` (this step's micro-batches of every rank): the step's mean
-    loss and the gradient norm before clipping."""
+    loss, the gradient norm before clipping, and the objective's logged means (preference rewards)."""
     ctx, opt, progress, model = run.ctx, run.opt, run.progress, run.base.model
-    n_labels = max(1, sum(b.n_labels for b in group))  # one mean over the whole optimizer step, all ranks
-    step_loss = 0.0
+    totals = run.objective.totals(group)  # one mean over the whole optimizer step, all ranks
+    step_loss, sums = 0.0, {}
     mine = ctx.shard(group)
     with use_packed_attention(model) if run.cfg.data.packing else contextlib.nullcontext():
         for i, batch in enumerate(mine):
@@ -237,17 +240,18 @@ def _optimizer_step(run: Run, group: list[Batch]) -> tuple[float, float]:
             batch = batch.to(run.base.device)
             with packed_positions(batch.position_ids):  # backward too: checkpointing recomputes attention
                 with opt.autocast:
-                    loss_sum, _ = causal_lm_loss_sum(model, batch.input_ids, batch.labels, batch.position_ids,
-                                                     batch.attention_mask)
-                loss = loss_sum / n_labels
+                    loss, stats = run.objective.loss(run.lm, batch, totals)
                 scaled = loss * ctx.loss_scale
                 (opt.scaler.scale(scaled) if opt.scaler is not None else scaled).backward()
             step_loss += loss.item()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
     progress.micro_batches += len(group)
     progress.tokens += sum(b.n_tokens for b in group)
     params = [p for g in opt.optimizer.param_groups for p in g["params"]]
     ctx.reduce_grads(params)  # once per optimizer step: accumulation needs no extra all-reduce
-    step_loss, stopping = ctx.sum_values(step_loss, 1.0 if run.stop is not None else 0.0)
+    step_loss, stopping, *values = ctx.sum_values(step_loss, 1.0 if run.stop is not None else 0.0, *sums.values())
+    stats = {k: v / totals.pairs * (100.0 if k == "reward_acc" else 1.0) for k, v in zip(sums, values)}
     if stopping and run.stop is None:
         run.stop = "another rank"  # every rank leaves the loop at the same step
     if not math.isfinite(step_loss):
@@ -265,7 +269,7 @@ def _optimizer_step(run: Run, group: list[Batch]) -> tuple[float, float]:
         opt.optimizer.step()
     opt.optimizer.zero_grad(set_to_none=True)
     opt.scheduler.step()
-    return step_loss, float(grad_norm)
+    return step_loss, float(grad_norm), stats
 
 
 def _between_steps(run: Run) -> None:

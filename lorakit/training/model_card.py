@@ -12,13 +12,15 @@ from ..atomic import atomic_file
 from ..config import WEIGHT_METHODS, RunConfig
 
 __all__ = ["VLLM_RANKS", "vllm_max_lora_rank", "model_card", "write_model_card", "data_summary", "describe_adapter",
-           "describe_model", "full_model_card", "CARD_NAME"]
+           "describe_model", "full_model_card", "CARD_NAME", "SCORE_ROWS"]
 
 CARD_NAME = "README.md"
 # The --max-lora-rank values vLLM accepts (its default is 16).
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-_METRICS = (("eval loss", "eval_loss", "{:.4f}"), ("perplexity", "eval_ppl", "{:.4f}"),
-            ("exact match", "exact_match", "{:.1f}%"))
+# The held-out scores a run's before/after table shows (card and terminal), where a run has them.
+SCORE_ROWS = (("eval loss", "eval_loss", "{:.4f}"), ("perplexity", "eval_ppl", "{:.4f}"),
+              ("exact match", "exact_match", "{:.1f}%"), ("prefers chosen", "eval_pref_acc", "{:.1f}%"),
+              ("reward margin", "eval_reward_margin", "{:.4f}"))
 
 
 def vllm_max_lora_rank(r: int) -> int | None:
@@ -40,7 +42,7 @@ def _front_matter(base: str, license: str | None, method: str = "lora") -> str:
 
 
 def _eval_table(before: dict[str, float], after: dict[str, float], trained: str = "with adapter") -> list[str]:
-    rows = [(label, key, fmt) for label, key, fmt in _METRICS if key in before or key in after]
+    rows = [(label, key, fmt) for label, key, fmt in SCORE_ROWS if key in before or key in after]
     if not rows:
         return ["No held-out evaluation was run (data.val_size 0 and no data.eval_path)."]
     show = lambda d, k, f: f.format(d[k]) if k in d and d[k] == d[k] else "–"  # noqa: E731 (nan: not measured)
@@ -50,7 +52,11 @@ def _eval_table(before: dict[str, float], after: dict[str, float], trained: str 
 
 def _common_settings(cfg: RunConfig, steps: int, tokens: int, precision: str) -> list[tuple[str, str]]:
     tr = cfg.train
+    objective = [] if tr.objective == "sft" else [
+        ("objective", f"{tr.objective}, β {tr.preference_beta:g}" + (f", γ {tr.simpo_gamma:g}" if tr.objective == "simpo" else "")
+         + (" (reference: the base, adapter off)" if tr.objective == "dpo" else ""))]
     return [
+        *objective,
         ("learning rate", f"{tr.peak_lr:g} ({tr.schedule}, warm-up {tr.warmup:g})"),
         ("optimizer", tr.optimizer + (f", LoRA+ ratio {tr.lora_plus_ratio:g}" if tr.lora_plus_ratio else "")),
         ("batch", f"{tr.batch_size} rows × {tr.grad_accum} accumulation" + (", packed" if cfg.data.packing else "")),

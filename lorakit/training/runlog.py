@@ -33,6 +33,7 @@ class RunLog:
         self.eval_points: list[tuple[int, float]] = []
         self.base_metrics: dict[str, float] = {}
         self._losses: list[float] = []  # train losses since the last written line
+        self._extras: list[dict[str, float]] = []  # and the objective's numbers
         if resumed and self.metrics_path.exists():
             kept = []  # drop lines past the checkpoint we resume from: they will be logged again
             for line in self.metrics_path.read_text().splitlines():
@@ -76,15 +77,20 @@ class RunLog:
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, rec["step"])
 
-    def step(self, step: int, loss: float, lr: float, grad_norm: float, tokens: int, tokens_per_s: float, write: bool) -> None:
+    def step(self, step: int, loss: float, lr: float, grad_norm: float, tokens: int, tokens_per_s: float, write: bool,
+             extra: dict[str, float] | None = None) -> None:
+        """One optimizer step; ``extra``: the objective's numbers (preference rewards), averaged like the loss."""
         if self.bar is not None:  # the postfix first: update() draws the bar with this step's numbers
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+            shown = {"acc": f"{extra['reward_acc']:.0f}%"} if extra and "reward_acc" in extra else {}
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", **shown, refresh=False)
             self.bar.update(step - self.bar.n)
         self._losses.append(loss)
+        self._extras.append(extra or {})
         if write:
             mean = sum(self._losses) / len(self._losses)  # the interval's mean: smoother than one step's loss
-            self._losses = []
-            self._write({"step": step, "loss": mean, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+            means = {k: round(sum(e[k] for e in self._extras) / len(self._extras), 6) for k in self._extras[-1]}
+            self._losses, self._extras = [], []
+            self._write({"step": step, "loss": mean, **means, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                          "tokens_per_s": round(tokens_per_s, 1)})
             if self.plot:
                 plot_losses(self.out / "loss.png", self.train_points, self.eval_points)

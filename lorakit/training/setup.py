@@ -166,7 +166,8 @@ def calibrate_base(cfg: RunConfig, base: BaseSetup, prepared: Prepared, echo: Ec
 
 def data_line(cfg: RunConfig, prepared: Prepared) -> str:
     stats = prepared.stats
-    return (f"data: {len(prepared.train)} train / {len(prepared.val)} validation examples, template {prepared.template}"
+    what, n = ("preference pairs", 2) if prepared.pairs else ("examples", 1)
+    return (f"data: {len(prepared.train) // n} train / {len(prepared.val) // n} validation {what}, template {prepared.template}"
             + (" (tokenized data from cache)" if prepared.from_cache else "")
             + (f"; {stats['too_long']} longer than max_len={cfg.data.max_len} ({cfg.data.truncation})"
                if stats.get("too_long") else "")
@@ -238,7 +239,7 @@ def make_optimization(cfg: RunConfig, lm: LoraModel | FullTuning, prepared: Prep
     as they are now (after a resumed adapter is loaded, after FSDP sharding)."""
     t_cfg = cfg.train
     per_epoch = len(batch_plan(prepared.train, cfg.data.max_len, t_cfg.batch_size, cfg.data.packing, t_cfg.seed,
-                               cfg.micro_tokens(world)))
+                               cfg.micro_tokens(world), pairs=prepared.pairs))
     step_micro = t_cfg.grad_accum * world
     total = t_cfg.max_steps or max(1, math.ceil(t_cfg.epochs * per_epoch / step_micro))
     warmup = int(t_cfg.warmup * total) if t_cfg.warmup < 1 else int(t_cfg.warmup)
