@@ -208,7 +208,7 @@ def test_plateau_schedule_grows_when_eval_loss_stalls(tiny_model_dir, tmp_path, 
 
     losses = iter([1.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # a flat eval loss: every evaluation is a stall
 
-    def fake_evaluate(lm, tok, prepared, max_len, batch_size, eval_samples, device, base):
+    def fake_evaluate(lm, tok, prepared, max_len, batch_size, eval_samples, device, base, objective=None):
         return {"eval_loss": next(losses, 1.0), "eval_ppl": 2.7}, []
 
     monkeypatch.setattr(train_mod, "evaluate_adapter", fake_evaluate)

@@ -118,7 +118,7 @@ class Objective:
         stats = scores.stats()
         if scores.nll_sum is not None:  # ORPO: the chosen answers' mean NLL over the step, plus the odds-ratio term
             loss = loss + scores.nll_sum / totals.chosen_labels
-            stats["nll"] = float(scores.nll_sum) * totals.pairs / totals.chosen_labels  # (÷ pairs when logged)
+            stats["nll"] = float(scores.nll_sum.detach()) * totals.pairs / totals.chosen_labels  # (÷ pairs when logged)
         return loss, stats
 
 
