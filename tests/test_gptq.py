@@ -214,7 +214,7 @@ def test_cli_train_with_gptq_rounding(tiny_model_dir, tmp_path, capsys):
 
     from lorakit import LoraModel
     from lorakit.cli import main
-    from lorakit.cli.infer import _quant_kwargs
+    from lorakit.cli.model_args import quant_kwargs as _quant_kwargs
     from lorakit.base import load_model
 
     cmd, run = tiny_train_cmd(tiny_model_dir, tmp_path, "--quantize", "nf4", "--quant-rounding", "gptq",

@@ -5,70 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from ..config import COMBINE_METHODS, DEFAULT_MODEL, QUANT_CHOICES, SIGN_METHODS
+from ..config import COMBINE_METHODS, SIGN_METHODS
 from ..errors import LorakitError, read_text
+from .model_args import add_model_args, base_model, quant_kwargs
 
 __all__ = ["INFER_COMMANDS"]
-
-
-def _model_args(p: argparse.ArgumentParser, adapters: str = "many", int8: bool = True) -> None:
-    p.add_argument("--model", default=None, help="base model: folder, .gguf file, hub id or 'smollm2-135m' (default: the "
-                   "first adapter's base_model_name_or_path, else smollm2-135m)")
-    if adapters == "many":
-        p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH", help="adapter folder (repeatable)")
-    elif adapters == "one":
-        p.add_argument("--adapter", required=True, metavar="PATH", help="adapter folder (PEFT format)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--quantize", default="none", choices=QUANT_CHOICES,
-                   help="store the base's linear layers quantized (needs lorakit[qlora]); use the run's setting")
-    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
-                   help="4-bit: quantize the block scales too (default: on)")
-    p.add_argument("--compute-dtype", default="auto", help="4-bit compute dtype: auto | float32 | bfloat16 | float16")
-    if int8:
-        p.add_argument("--int8", action="store_true",
-                       help="CPU: int8 weights and int8 dynamic activations in every linear layer (one adapter is "
-                            "merged first; several run in float beside the int8 base); see docs/export.md")
-
-
-def _gptq_base(adapter: str) -> tuple[bool, "Path | None"]:
-    """Whether the run that wrote ``adapter`` (its config.yaml next to it) used GPTQ rounding, and
-    the 4-bit base that run saved (next to the adapter, or in the run folder of a checkpoint's)."""
-    from pathlib import Path
-
-    from ..config import load_yaml
-    from ..quant.saved_base import QUANTIZED_BASE
-
-    folder = Path(adapter.split("=", 1)[-1]).parent
-    config = folder / "config.yaml"
-    try:
-        model = load_yaml(str(config)).get("model") if config.is_file() else None
-    except (LorakitError, OSError):  # not a readable run config: nothing to say
-        return False, None
-    if not (isinstance(model, dict) and model.get("quant_rounding") == "gptq"):
-        return False, None
-    run = folder.parent.parent if folder.parent.name == "checkpoints" else folder
-    return True, next((f for f in (folder / QUANTIZED_BASE, run / QUANTIZED_BASE) if f.is_file()), None)
-
-
-def _quant_kwargs(args: argparse.Namespace) -> dict:
-    kwargs = {"quantize": args.quantize, "double_quant": args.double_quant, "compute_dtype": args.compute_dtype}
-    adapters = [args.adapter] if isinstance(getattr(args, "adapter", None), str) else getattr(args, "adapter", [])
-    found = [_gptq_base(a) for a in adapters] if args.quantize != "none" else []
-    bases = list(dict.fromkeys(path for gptq, path in found if path is not None))
-    if bases:
-        kwargs["quantized_base"] = bases[0]
-        print(f"4-bit base: the GPTQ-rounded weights saved with the run ({bases[0]})", file=sys.stderr)
-        if len(bases) > 1:
-            print(f"warning: the adapters come from runs with {len(bases)} different GPTQ-rounded bases; all of them "
-                  f"run over the first", file=sys.stderr)
-    elif any(gptq for gptq, _ in found):
-        print(f"warning: the adapter was trained over a GPTQ-rounded base that its run folder no longer holds; "
-              f"--quantize {args.quantize} rounds to nearest, a different base (on the demo task: eval loss 0.0247 "
-              "instead of 0.0135). Leave out --quantize to use it over the original weights.", file=sys.stderr)
-    return kwargs
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -91,29 +33,11 @@ def _sampling(args: argparse.Namespace):
     return Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed, list(args.stop))
 
 
-def _base_model(args: argparse.Namespace) -> str:
-    """--model, else the base the (first) adapter records, else the embedded default."""
-    from ..inference.engine import parse_adapter_spec
-
-    if args.model:
-        return args.model
-    adapters = [args.adapter] if isinstance(getattr(args, "adapter", None), str) else getattr(args, "adapter", [])
-    if adapters:
-        config = Path(parse_adapter_spec(adapters[0])[1]) / "adapter_config.json"
-        try:
-            recorded = json.loads(config.read_text()).get("base_model_name_or_path")
-        except (OSError, ValueError):
-            recorded = None  # an unreadable adapter is reported when it is loaded
-        if isinstance(recorded, str) and recorded:
-            return recorded
-    return DEFAULT_MODEL
-
-
 def _engine(args: argparse.Namespace):
     from ..inference.engine import load_engine
 
-    engine = load_engine(_base_model(args), args.adapter, args.device, args.dtype, getattr(args, "template", "auto"),
-                         int8=args.int8, **_quant_kwargs(args))
+    engine = load_engine(base_model(args), args.adapter, args.device, args.dtype, getattr(args, "template", "auto"),
+                         int8=args.int8, **quant_kwargs(args))
     if args.int8:
         how = f"adapter {engine.merged} merged, " if engine.merged else ""
         print(f"int8: {how}linear layers in int8 with dynamic int8 activations", file=sys.stderr)
@@ -129,7 +53,7 @@ def _only_adapter(engine) -> str | None:
 # ---- generate ------------------------------------------------------------------------------
 
 def _add_generate(p: argparse.ArgumentParser) -> None:
-    _model_args(p)
+    add_model_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one user message")
     src.add_argument("--prompts", metavar="FILE", help="JSONL: one {\"prompt\": ...} or {\"messages\": [...]} per line")
@@ -185,7 +109,7 @@ CHAT_HELP = """commands: /reset (forget the conversation)  /system TEXT  /adapte
 
 
 def _add_chat(p: argparse.ArgumentParser) -> None:
-    _model_args(p)
+    add_model_args(p)
     _sampling_args(p)
 
 
@@ -207,7 +131,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         print()
         return 0
 
-    print(f"lorakit chat — model {_base_model(args)}, adapter: {adapter or 'none'}. {CHAT_HELP}")
+    print(f"lorakit chat — model {base_model(args)}, adapter: {adapter or 'none'}. {CHAT_HELP}")
     while True:
         try:
             line = input(f"[{adapter or 'base'}] you> ").strip()
@@ -258,7 +182,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 # ---- merge ---------------------------------------------------------------------------------
 
 def _add_merge(p: argparse.ArgumentParser) -> None:
-    _model_args(p, adapters="one", int8=False)
+    add_model_args(p, adapters="one", int8=False)
     p.add_argument("--out", required=True, help="new folder for the merged model")
     p.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the saved weights (default: the model's; float32 after a quantized run)")
@@ -279,7 +203,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         raise LorakitError("--requantize re-quantizes a quantized run's merge: also pass --quantize nf4|fp4|int8 "
                            "(the run's model.quantize)")
     spec = quant_spec(args.quantize, args.double_quant, args.compute_dtype)
-    base, tok = load_model(_base_model(args), args.device, args.dtype, **_quant_kwargs(args))
+    base, tok = load_model(base_model(args), args.device, args.dtype, **quant_kwargs(args))
     lm = LoraModel.from_pretrained(base, args.adapter)
     if spec is not None:
         from ..quant.bnb import dequantize_model, hf_quantization_config, quantize_model, requantize_error
@@ -374,7 +298,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     from ..inference.settings import ServeSettings
 
     d = ServeSettings()
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("--template", default="auto", help="auto | tokenizer | chatml | human-assistant")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

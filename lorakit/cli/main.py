@@ -20,13 +20,14 @@ __all__ = ["main"]
 def _all_commands() -> dict:
     """name -> (help, add_arguments(parser), run(args) -> exit code), one module per command group."""
     from .data import DATA_COMMAND
+    from .evaluate import EVAL_COMMAND
     from .export import EXPORT_COMMAND
     from .infer import INFER_COMMANDS
     from .plan import PLAN_COMMANDS
     from .train import TRAIN_COMMANDS
     from .ui import UI_COMMAND
 
-    return {**TRAIN_COMMANDS, **INFER_COMMANDS, **EXPORT_COMMAND, **DATA_COMMAND, **PLAN_COMMANDS, **UI_COMMAND}
+    return {**TRAIN_COMMANDS, **EVAL_COMMAND, **INFER_COMMANDS, **EXPORT_COMMAND, **DATA_COMMAND, **PLAN_COMMANDS, **UI_COMMAND}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -146,8 +146,9 @@ def _flat(pairs: list[list[Encoded]]) -> list[Encoded]:
     return [e for pair in pairs for e in pair]
 
 
-def _save_cache(path: Path, prepared: Prepared) -> None:
-    tensors, meta = {}, {"template": prepared.template, "stats": prepared.stats, "pairs": prepared.pairs}
+def _save_cache(path: Path, prepared: Prepared, val_records: list[int]) -> None:
+    tensors, meta = {}, {"template": prepared.template, "stats": prepared.stats, "pairs": prepared.pairs,
+                         "val_records": val_records}
     for split in ("train", "val"):
         exs = getattr(prepared, split)
         lengths = [len(e.input_ids) for e in exs]
@@ -194,35 +195,51 @@ def _raw_examples(cfg: DataConfig, pairs: bool) -> tuple[list, list | None, list
     return train_ex, val_ex, [], None, sources + (eval_sources or [])
 
 
+def _chats(records: list[tuple[str, dict]], indices: list[int]) -> list[tuple[list[dict], str]]:
+    """(conversation up to the last answer, that answer) of the records that end in an assistant turn."""
+    out = []
+    for i in indices:
+        messages = records[i][1].get("messages") or []
+        if messages and messages[-1].get("role") == "assistant":
+            out.append((messages[:-1], messages[-1]["content"]))
+    return out
+
+
 def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Path | None = None,
-                 pairs: bool = False) -> Prepared:
+                 pairs: bool = False, held_out: bool = False) -> Prepared:
     """Tokenized train/val examples for ``cfg`` (the demo task when cfg.path is None); ``pairs``:
-    preference pairs (see the module doc)."""
+    preference pairs (see the module doc); ``held_out``: every record goes to val (``lorakit eval``)."""
     template = resolve_template(cfg.template, tokenizer)
     train_ex, val_ex, val_chats, scorer, sources = _raw_examples(cfg, pairs)
+    if held_out and val_ex is None and sources is not None:
+        train_ex, val_ex = [], train_ex
     key = _cache_key(cfg, template, tokenizer, seed, sources, pairs)
-    cache_path = (cache_dir / f"{key}.safetensors") if (cache_dir is not None and cfg.cache) else None
+    cache_path = (cache_dir / f"{key}.safetensors") if (cache_dir is not None and cfg.cache and not held_out) else None
     cached = _load_cache(cache_path) if cache_path is not None else None
+    raw_val = val_ex if val_ex is not None else train_ex
     if cached is not None:
         splits, meta = cached
-        return Prepared(splits["train"], splits["val"], meta["template"], val_chats, scorer, meta["stats"], True,
+        chats = val_chats or _chats(raw_val, meta.get("val_records", []))
+        return Prepared(splits["train"], splits["val"], meta["template"], chats, scorer, meta["stats"], True,
                         bool(meta.get("pairs")))
 
-    stats = {"records": len(train_ex), "too_long": 0, "dropped_too_long": 0, "dropped_no_labels": 0}
+    stats = {"records": len(train_ex or val_ex or []), "too_long": 0, "dropped_too_long": 0, "dropped_no_labels": 0}
     encode = _encode_pairs if pairs else _encode_all
     unit = _flat if pairs else (lambda es: es)  # a unit: one example, or one pair
-    encoded = encode(train_ex, template, tokenizer, cfg, stats)
+    encoded = encode(train_ex, template, tokenizer, cfg, stats) if train_ex else []
     if val_ex is not None:
-        val_encoded = unit([e for _, e in encode(val_ex, template, tokenizer, cfg, dict(stats))])
+        val_pairs = encode(val_ex, template, tokenizer, cfg, stats if not train_ex else dict(stats))
         train = unit([e for _, e in encoded])
     elif cfg.val_size > 0 and len(encoded) > 1:
         tr, va = _split(len(encoded), cfg.val_size, seed)
-        train, val_encoded = unit([encoded[i][1] for i in tr]), unit([encoded[i][1] for i in va])
+        train, val_pairs = unit([encoded[i][1] for i in tr]), [encoded[i] for i in va]
     else:
-        train, val_encoded = unit([e for _, e in encoded]), []
+        train, val_pairs = unit([e for _, e in encoded]), []
+    val_encoded, val_records = unit([e for _, e in val_pairs]), [i for i, _ in val_pairs]
     stats.update(train_examples=len(train), val_examples=len(val_encoded),
                  train_tokens=sum(len(e.input_ids) for e in train), train_labels=sum(e.n_labels for e in train))
-    prepared = Prepared(train, val_encoded, template, val_chats, scorer, stats, pairs=pairs)
+    prepared = Prepared(train, val_encoded, template, val_chats or _chats(raw_val, val_records), scorer, stats,
+                        pairs=pairs)
     if cache_path is not None:
-        _save_cache(cache_path, prepared)
+        _save_cache(cache_path, prepared, val_records)
     return prepared

@@ -16,7 +16,8 @@ from ..inference.generation import Request, Sampling, generate_batch
 from ..ops.loss import causal_lm_loss_sum
 from .objective import Objective
 
-__all__ = ["eval_loss", "preference_scores", "generate_answers", "exact_match", "perplexity", "evaluate_adapter"]
+__all__ = ["eval_loss", "preference_scores", "generate_answers", "exact_match", "perplexity", "held_out_scores",
+           "answer_tokens", "evaluate_adapter"]
 
 
 @torch.no_grad()
@@ -99,25 +100,34 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss == loss and loss < 50 else float("inf")
 
 
+def held_out_scores(lm: Any, tokenizer: Any, prepared: Any, max_len: int, batch_size: int, device: torch.device,
+                    objective: Objective | None = None) -> dict[str, float]:
+    """Eval loss and perplexity of ``lm`` as it is set (for preference pairs, the objective's
+    ``preference_scores``, by default DPO's)."""
+    if prepared.pairs:
+        return preference_scores(lm, objective or Objective("dpo"), prepared.val, max_len, batch_size,
+                                 tokenizer.pad_token_id, device)
+    loss = eval_loss(lm.model, prepared.val, max_len, batch_size, tokenizer.pad_token_id, device)
+    return {"eval_loss": loss, "eval_ppl": perplexity(loss)}
+
+
+def answer_tokens(tokenizer: Any, references: list[str]) -> int:
+    """Tokens to generate to reproduce the longest reference, with room for a little more."""
+    return max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references) + 8
+
+
 def evaluate_adapter(lm: Any, tokenizer: Any, prepared: Any, max_len: int, batch_size: int, eval_samples: int,
                      device: torch.device, base: bool, objective: Objective | None = None) -> tuple[dict[str, float], list[str]]:
-    """A LoraModel's held-out scores: eval loss and perplexity (for preference pairs, the
-    objective's ``preference_scores``), and (when the data has a scorer) exact match of greedy
-    answers on the first ``eval_samples`` prompts — for pairs, with the chosen answer: the
-    preferred-answer rate; ``base`` disables the adapter. Returns the scores and the answers."""
+    """A LoraModel's held-out scores (``held_out_scores``) and (when the data has a scorer) exact
+    match of greedy answers on the first ``eval_samples`` prompts — for pairs, with the chosen
+    answer: the preferred-answer rate; ``base`` disables the adapter. Returns the scores and the answers."""
     with lm.disable_adapter() if base else contextlib.nullcontext():
-        if prepared.pairs:
-            out = preference_scores(lm, objective or Objective("dpo"), prepared.val, max_len, batch_size,
-                                    tokenizer.pad_token_id, device)
-        else:
-            loss = eval_loss(lm.model, prepared.val, max_len, batch_size, tokenizer.pad_token_id, device)
-            out = {"eval_loss": loss, "eval_ppl": perplexity(loss)}
+        out = held_out_scores(lm, tokenizer, prepared, max_len, batch_size, device, objective)
         answers: list[str] = []
         if prepared.scorer is not None and prepared.val_chats and eval_samples > 0:
             chats = prepared.val_chats[:eval_samples]
             refs = [r for _, r in chats]
-            longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs)
             answers = generate_answers(lm.model, tokenizer, [c for c, _ in chats], prepared.template,
-                                       max_new_tokens=longest + 8)
+                                       max_new_tokens=answer_tokens(tokenizer, refs))
             out["exact_match"] = exact_match(answers, refs, prepared.scorer)
     return out, answers

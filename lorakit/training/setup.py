@@ -31,7 +31,7 @@ from .distributed import DistContext
 from .optim import build_optimizer, lr_lambda
 from .rank_schedule import PlateauTracker
 
-__all__ = ["RunPlan", "BaseSetup", "Optimization", "check_run", "load_base", "calibrate_base", "data_line",
+__all__ = ["RunPlan", "BaseSetup", "Optimization", "check_run", "run_precision", "load_base", "calibrate_base", "data_line",
            "make_adapter", "output_name", "make_optimization", "restore", "load_states", "open_run_folder"]
 
 Echo = Callable[[str], None]
@@ -112,15 +112,23 @@ class BaseSetup:
     saved_base: Path | None = None  # a resumed GPTQ run's own 4-bit base
 
 
+def run_precision(cfg: RunConfig, target: torch.device) -> tuple[str, str]:
+    """(precision, dtype the base is loaded in) of a run of ``cfg`` on ``target``.
+
+    Under bf16 autocast the frozen base is kept in bf16 too: half the memory, no per-step casts.
+    Full/freeze runs load the weights as stored (they train from the exact values; make_adapter
+    casts what stays frozen)."""
+    m_cfg, t_cfg = cfg.model, cfg.train
+    precision = resolve_precision(t_cfg.precision, target, m_cfg.quantize)
+    dtype = ("bfloat16" if m_cfg.dtype == "auto" and precision == "bf16" and m_cfg.quantize == "none"
+             and t_cfg.method not in WEIGHT_METHODS else m_cfg.dtype)
+    return precision, dtype
+
+
 def load_base(cfg: RunConfig, plan: RunPlan, echo: Echo) -> BaseSetup:
     m_cfg, t_cfg = cfg.model, cfg.train
     target = resolve_device(m_cfg.device)
-    precision = resolve_precision(t_cfg.precision, target, m_cfg.quantize)
-    # Under bf16 autocast the frozen base is kept in bf16 too: half the memory, no per-step casts.
-    # Full/freeze runs load the weights as stored (they train from the exact values; make_adapter
-    # casts what stays frozen).
-    dtype = ("bfloat16" if m_cfg.dtype == "auto" and precision == "bf16" and m_cfg.quantize == "none"
-             and t_cfg.method not in WEIGHT_METHODS else m_cfg.dtype)
+    precision, dtype = run_precision(cfg, target)
     # GPTQ rounding quantizes after the data is read (its rows calibrate it); a missing bitsandbytes is said first.
     # A resumed GPTQ run reloads the base it saved when it started (bit for bit, no recalibration).
     saved = plan.out / QUANTIZED_BASE if m_cfg.quant_rounding == "gptq" and plan.resume_from is not None else None
