@@ -65,7 +65,7 @@ def test_every_import_the_package_makes_is_declared_in_pyproject():
     assert not missing, "imports not declared in pyproject.toml: " + "; ".join(missing)
     # what transformers needs to read the embedded GGUF, though lorakit never imports it itself
     assert "core" in declared["accelerate"] and "core" in declared["gguf"]
-    # torch.utils.tensorboard (train.tensorboard) needs the tensorboard package
+    # torch.utils.tensorboard (train.report_to tensorboard) needs the tensorboard package
     assert "tensorboard" in declared["tensorboard"]
 
 

@@ -24,9 +24,16 @@ def _table(values: dict[str, str], name: str) -> Callable[[Any], Any]:
     return convert
 
 
-def _report_to(value: Any) -> bool:
+def _report_to(value: Any) -> list[str]:
+    """HF's report_to: "all" is every tracker lorakit logs to whose package is installed."""
+    import importlib.util
+
+    from .sections import TRACKERS
+
     targets = [value] if isinstance(value, str) else list(value or [])
-    return "tensorboard" in targets or "all" in targets
+    if "all" in targets:
+        return [t for t in TRACKERS if importlib.util.find_spec(t) is not None]
+    return [t for t in targets if t != "none"]
 
 
 def _precision(name: str) -> Callable[[Any], Any]:
@@ -68,7 +75,8 @@ ALIASES: dict[str, tuple[str, str, Callable[[Any], Any] | None, str]] = {
     "optim": ("train", "optimizer", _table(_OPTIMIZERS, "optim"), "TrainingArguments"),
     "bf16": ("train", "precision", _precision("bf16"), "TrainingArguments"),
     "fp16": ("train", "precision", _precision("fp16"), "TrainingArguments"),
-    "report_to": ("train", "tensorboard", _report_to, "TrainingArguments"),
+    "report_to": ("train", "report_to", _report_to, "TrainingArguments"),
+    "tensorboard": ("train", "report_to", lambda on: ["tensorboard"] if on else None, "lorakit 0.1"),
     "model_name_or_path": ("model", "name", None, "transformers' examples"),
     "max_seq_length": ("data", "max_len", None, "TRL's SFTConfig"),
     "max_length": ("data", "max_len", None, "TRL's SFTConfig"),

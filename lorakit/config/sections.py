@@ -22,6 +22,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 METHODS = ("lora", "dora", "full", "freeze")  # train.method
 WEIGHT_METHODS = ("full", "freeze")  # methods that train the model's own weights (no adapter)
 OBJECTIVES = ("sft", "dpo", "orpo", "simpo")  # train.objective; all but sft train on preference pairs
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # train.report_to
 PREFERENCE_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0}  # train.beta when unset (TRL's and the SimPO paper's)
 ADAPTER_LR, WEIGHT_LR = 2e-4, 5e-5  # train.lr when unset: adapters, and full/freeze tuning
 DEFAULT_MODEL = "smollm2-135m"  # the embedded SmolLM2-135M-Instruct (lorakit.base.source)
@@ -32,6 +33,16 @@ INIT_CHOICES = ("default", "gaussian", "pissa", "pissa_niter_<N>", "eora")
 TASK_MERGES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 COMBINE_METHODS = ("cat", "svd", *TASK_MERGES, *(f"{m}_svd" for m in TASK_MERGES[1:]))
 SIGN_METHODS = ("total", "frequency")  # TIES's sign election
+
+
+def _trackers(value: Any) -> list[str]:
+    """train.report_to as a list of tracker names ("none" or nothing: [])."""
+    names = [] if value is None else value.split(",") if isinstance(value, str) else list(value)
+    names = [str(n).strip() for n in names if str(n).strip() and str(n).strip() != "none"]
+    for n in names:
+        if n not in TRACKERS:
+            raise LorakitError(f"train.report_to: unknown tracker {n!r}; lorakit logs to {one_of(TRACKERS)}")
+    return list(dict.fromkeys(names))
 
 
 def one_of(choices: tuple[str, ...]) -> str:
@@ -269,8 +280,10 @@ class TrainConfig:
     """Write metrics (and refresh the loss plot) every N steps."""
     plot: bool = True
     """Write loss.png (train and eval loss) into the run folder."""
-    tensorboard: bool = False
-    """Also log to TensorBoard, in out_dir/tensorboard (needs lorakit[tensorboard])."""
+    report_to: Union[list[str], str, None] = None
+    """Trackers that also log the run: tensorboard, wandb, mlflow, trackio (a list, or comma-separated; each needs lorakit[NAME]); all log locally by default (docs/training.md#trackers-trainreport_to)."""
+    tracker_project: str = "lorakit"
+    """The trackers' project (MLflow: experiment) name; the run's name is its folder's."""
     threads: int = 0
     """CPU threads for torch (0: the number of physical cores)."""
     overwrite: bool = False
@@ -329,6 +342,7 @@ class TrainConfig:
             raise LorakitError(f"train.precision must be {one_of(PRECISIONS)}, got {self.precision!r}")
         if self.max_steps < 0 or self.epochs <= 0 and self.max_steps == 0:
             raise LorakitError("set train.max_steps > 0 or train.epochs > 0")
+        self.report_to = _trackers(self.report_to)
         if self.keep_last < 1:
             raise LorakitError(f"train.keep_last must be at least 1, got {self.keep_last}")
         if self.rank_schedule is not None:

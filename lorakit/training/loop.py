@@ -38,6 +38,7 @@ from .objective import Objective, make_objective
 from .model_card import data_summary, describe_adapter, describe_model
 from .rank_schedule import PlateauTracker, grow_adapter_rank
 from .runlog import NullLog, RunLog, peak_memory_mb
+from .trackers import open_trackers
 from .mfu import matmul_peak_flops, mfu, train_flops_per_token
 from .setup import (BaseSetup, Optimization, RunPlan, calibrate_base, check_run, data_line, load_base, load_states,
                     make_adapter, make_optimization, open_run_folder, output_name, restore)
@@ -119,7 +120,7 @@ def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None
             with _stop_on_signals(run):
                 _loop(run)
         except BaseException:
-            run.log.close()  # the progress bar ends its line before the error is printed
+            run.log.finish(status="failed")  # the progress bar ends its line before the error is printed
             raise
         return _finish(run, t_begin)
     finally:
@@ -155,8 +156,10 @@ def _setup(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
     log: Any = NullLog()
     if ctx.is_main:
         open_run_folder(cfg, plan, base, config_yaml, echo)
-        log = RunLog(plan.out, opt.total_steps, progress.step, show_progress, cfg.train.plot, cfg.train.tensorboard,
-                     resumed=plan.resume_from is not None)
+        trackers = open_trackers(cfg.train.report_to, plan.out, cfg.to_dict(), config_yaml, cfg.train.tracker_project,
+                                 progress.step)
+        log = RunLog(plan.out, opt.total_steps, progress.step, show_progress, cfg.train.plot,
+                     resumed=plan.resume_from is not None, trackers=trackers)
     run = Run(cfg, ctx, plan, base, prepared, lm, opt, objective, progress, plateau, log, config_yaml, echo,
               before=dict(log.base_metrics),  # a resumed run reads the base scores from metrics.jsonl
               flops_per_token=train_flops_per_token(base.model), peak_flops=peak)
@@ -348,7 +351,7 @@ def _finish(run: Run, t_begin: float) -> TrainResult:
             run.evaluate()  # the sharded forward needs this rank
         return result(interrupted=interrupted)
     if interrupted:
-        run.log.close()
+        run.log.finish(status="interrupted")
         run.echo(f"interrupted at step {progress.step}/{run.opt.total_steps}; checkpoint {run.last_good}. "
                  f"Continue with: lorakit train --config {out / 'config.yaml'} --train.resume latest")
         return result(adapter=run.last_good / part, before=run.before, interrupted=True)
@@ -370,4 +373,5 @@ def _finish(run: Run, t_begin: float) -> TrainResult:
         base_answers = run.base_answers or [""] * len(answers)
         for (chat, _), base_a, new_a in list(zip(p.val_chats, base_answers, answers))[:4]:
             samples.append((chat[-1]["content"], base_a.strip(), new_a.strip()))
+    run.log.finish({"base": run.before, run.label: after})
     return result(before=run.before, after=after, samples=samples)

@@ -1,17 +1,19 @@
-"""What a training run shows and writes: the progress bar, metrics.jsonl, loss.png, TensorBoard.
-Kept outside the loop so the loop stays readable."""
+"""What a training run shows and writes: the progress bar, metrics.jsonl, loss.png, and the
+trackers of ``train.report_to`` (``trackers``). Kept outside the loop so the loop stays readable."""
 
 from __future__ import annotations
 
 import json
 import resource
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..atomic import atomic_file
+from .trackers import Tracker, numeric
 
 __all__ = ["RunLog", "peak_memory_mb", "plot_losses"]
 
@@ -26,7 +28,7 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
 
 class RunLog:
     def __init__(self, out: Path, total_steps: int, start_step: int, show_progress: bool, plot: bool,
-                 tensorboard: bool, resumed: bool) -> None:
+                 resumed: bool, trackers: list[Tracker] | None = None) -> None:
         self.out, self.plot = out, plot
         self.metrics_path = out / "metrics.jsonl"
         self.train_points: list[tuple[int, float]] = []
@@ -46,11 +48,7 @@ class RunLog:
             self.metrics_path.unlink()
         self.bar = None
         self._bar_args = (total_steps, start_step) if show_progress else None
-        self.tb = None
-        if tensorboard:  # its package was checked before the run started (train.check_extras)
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tensorboard"))
+        self.trackers = list(trackers or [])
 
     def start_progress(self) -> None:
         """Open the progress bar (after the first evaluation, so its rate and ETA are the loop's)."""
@@ -72,10 +70,18 @@ class RunLog:
         self._remember(rec)
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
-        if self.tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, rec["step"])
+        values = numeric(rec)
+        for tracker in list(self.trackers):
+            self._call(tracker, "log", rec["step"], values)
+
+    def _call(self, tracker: Tracker, method: str, *args: Any) -> None:
+        """A tracker that fails (a lost connection, a full disk) is dropped with a warning; the run goes on."""
+        try:
+            getattr(tracker, method)(*args)
+        except Exception as err:  # noqa: BLE001 - any tracker error: the run's own files are what counts
+            warnings.warn(f"{type(tracker).__name__.strip('_')} stopped logging: {type(err).__name__}: {err}")
+            if tracker in self.trackers:
+                self.trackers.remove(tracker)
 
     def step(self, step: int, loss: float, lr: float, grad_norm: float, tokens: int, tokens_per_s: float, write: bool,
              extra: dict[str, float] | None = None) -> None:
@@ -108,10 +114,17 @@ class RunLog:
         (self.bar.write if self.bar is not None else print)(f"step {step}: {text}")
 
     def close(self) -> None:
+        """End the progress bar (the trackers stay open for the final evaluation)."""
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
+
+    def finish(self, summary: dict[str, dict[str, float]] | None = None, status: str = "finished") -> None:
+        """Close the trackers, with the final table (model -> scores) when the run completed;
+        ``status``: finished | interrupted | failed."""
+        self.close()
+        for tracker in list(self.trackers):
+            self._call(tracker, "finish", summary, status)
+        self.trackers = []
 
 
 def plot_losses(path: Path, train: list[tuple[int, float]], evals: list[tuple[int, float]]) -> None:

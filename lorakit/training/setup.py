@@ -23,9 +23,10 @@ from ..core.lora_model import LoraModel, get_lora_model
 from ..core.start import drop_all as drop_start_factors
 from ..data.dataset import Prepared
 from ..data.packing import batch_plan, make_batches
-from ..errors import LorakitError, require_extra
+from ..errors import LorakitError
 from ..quant.bnb import prepare_for_kbit_training, quant_summary
 from ..quant.saved_base import QUANTIZED_BASE, save_quantized_base
+from .trackers import check_trackers
 from .checkpoint import Progress, find_checkpoint, load_trainer_state, set_rng_state
 from .distributed import DistContext
 from .optim import build_optimizer, lr_lambda
@@ -87,8 +88,7 @@ def check_run(cfg: RunConfig, ctx: DistContext) -> RunPlan:
         # Checkpoints hold PiSSA adapters converted for the original weights (rank 2r), which the
         # optimizer state (rank r, on the residual weights) does not match.
         raise LorakitError("resuming a run with lora.init=pissa is not supported; restart it, or use init=default")
-    if t_cfg.tensorboard:
-        require_extra("tensorboard", ("tensorboard",), "train.tensorboard")
+    check_trackers(t_cfg.report_to)
     schedule = _rank_schedule(cfg)
     if t_cfg.fsdp:
         _check_fsdp(cfg, ctx, resume_from, schedule)
