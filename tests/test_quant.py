@@ -211,7 +211,7 @@ def test_a_layer_repacked_by_bitsandbytes_for_its_bf16_cpu_kernel_still_dequanti
     assert (after - before).abs().max() < 0.05  # bitsandbytes' repack rounds the scales to bf16
     assert (after - w).norm() / w.norm() < 0.15  # and it is still the 4-bit rounding of w
     lm = LoraLinear(q)  # a wrapped base never repacks again
-    assert q.support_avx512bf16_for_cpu is False and lm.base_layer is q
+    assert not q.support_avx512bf16_for_cpu and lm.base_layer is q  # (0 where the CPU lacks AVX512-BF16)
 
 
 @pytest.mark.parametrize("b_std,update_lo,update_hi", [(0.004, 0.9, 1.3), (0.02, 0.3, 0.6)])

@@ -22,6 +22,7 @@ from ..config import DataConfig
 from ..errors import LorakitError
 from . import demo
 from .formats import data_files, load_examples
+from .hub import HubSource, hub_fingerprint
 from .templates import Encoded, encode_example, resolve_template
 
 __all__ = ["Prepared", "prepare_data", "tokenizer_fingerprint"]
@@ -54,7 +55,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def _cache_key(cfg: DataConfig, template: str, tokenizer: Any, seed: int, sources: list[Path] | None,
+def _cache_key(cfg: DataConfig, template: str, tokenizer: Any, seed: int, sources: list | None,
                pairs: bool = False) -> str:
     h = hashlib.sha256()
     parts = {k: getattr(cfg, k) for k in ("format", "columns", "max_len", "truncation", "train_on_prompt", "val_size")}
@@ -63,7 +64,7 @@ def _cache_key(cfg: DataConfig, template: str, tokenizer: Any, seed: int, source
     h.update(tokenizer_fingerprint(tokenizer).encode())
     for f in sources or []:
         h.update(str(f).encode())
-        h.update(hashlib.sha256(f.read_bytes()).digest())
+        h.update(hub_fingerprint(f).encode() if isinstance(f, HubSource) else hashlib.sha256(f.read_bytes()).digest())
     if sources is None:
         h.update(b"demo" + json.dumps(demo.DEMO_OVERRIDES, sort_keys=True).encode())
     return h.hexdigest()[:24]

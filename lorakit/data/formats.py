@@ -10,7 +10,8 @@ or an implicit prompt: the turns chosen and rejected conversations share; TRL's 
 layouts). A pair becomes ``{"messages": [... the prompt, the chosen answer], "rejected": str}``: a
 chat that SFT trains on as it is (its chosen answer), and the preference objectives read whole.
 Auto-detected from the first record, or forced; ``columns`` maps our field names to the file's.
-Files: .json (array), .jsonl, .csv, .parquet; a directory (all such files in it) or several files.
+Files: .json (array), .jsonl, .csv, .parquet; a directory (all such files in it) or several files;
+a hub dataset id or a folder saved by ``datasets`` (``lorakit.data.hub``).
 Every problem names the file and line (or record) and what to do.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ..errors import LorakitError
+from .hub import HubSource, hub_records, hub_source
 
 __all__ = ["FORMATS", "read_records", "detect_format", "to_examples", "load_examples", "data_files"]
 
@@ -31,10 +33,15 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
                    "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
 
 
-def data_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Expand folders (every data file inside, sorted) and check that each file exists."""
-    out: list[Path] = []
+def data_files(paths: Iterable[str | Path]) -> list[Path | HubSource]:
+    """Expand folders (every data file inside, sorted) and check that each file exists; a hub
+    dataset id or a folder saved by ``datasets`` stays one source (``lorakit.data.hub``)."""
+    out: list[Path | HubSource] = []
     for p in paths:
+        hub = p if isinstance(p, HubSource) else hub_source(str(p), SUFFIXES)
+        if hub is not None:
+            out.append(hub)
+            continue
         path = Path(p).expanduser()
         if path.is_dir():
             found = sorted(f for f in path.rglob("*") if f.suffix in SUFFIXES and f.is_file())
@@ -77,9 +84,14 @@ def _parquet_rows(path: Path) -> list[dict[str, Any]]:
                            "write it again, or use .jsonl") from None
 
 
-def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, record) pairs; where is 'file:line' or 'file: record N'. A file that cannot be read
-    (not UTF-8, truncated, a folder, no permission) is a LorakitError naming it and the place."""
+def read_records(path: Path | HubSource, streaming: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, record) pairs; where is 'file:line' or 'file: record N' (a dataset: 'name: row N').
+    A file that cannot be read (not UTF-8, truncated, a folder, no permission) is a LorakitError
+    naming it and the place. .jsonl and .csv are read a line at a time; ``streaming`` also streams
+    a hub dataset."""
+    if isinstance(path, HubSource):
+        yield from hub_records(path, streaming)
+        return
     try:
         yield from _records(path)
     except UnicodeDecodeError:
