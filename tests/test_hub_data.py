@@ -94,6 +94,10 @@ HUB_SCRIPT = textwrap.dedent('''
             out[name] = [[e.input_ids, e.labels] for e in prepare_data(cfg, build_tokenizer(), seed=0).train]
         except LorakitError as err:
             out[name] = str(err)
+    streamed = prepare_data(DataConfig(path=["acme/dates"], columns={"instruction": "q", "output": "a"}, max_len=48,
+                                       val_size=2, streaming=True), build_tokenizer(), seed=0)
+    out["streamed"] = [[e.input_ids, e.labels] for e in streamed.first(3)]
+    out["streamed_val"] = [[e.input_ids, e.labels] for e in streamed.val]
     print(json.dumps(out))
 ''')
 
@@ -113,5 +117,7 @@ def test_a_hub_id_loads_offline_from_the_datasets_cache(tmp_path):
     assert got["acme/dates"] == [list(x) for x in _encoded(src / "train.jsonl")]
     assert got["acme/dates:test"] == [list(x) for x in _encoded(src / "test.jsonl")]
     assert "acme/dates:validation" in got["acme/dates:validation"] and "validation" in got["acme/dates:validation"]
+    rows = [list(x) for x in _encoded(src / "train.jsonl")]
+    assert got["streamed_val"] == rows[:2] and got["streamed"] == rows[2:5]  # streamed: the head held out
     assert got["acme/elsewhere"].startswith("data.path acme/elsewhere: not a local file or folder, and the dataset "
                                             "'acme/elsewhere' could not be read from the hub or its cache")

@@ -201,6 +201,10 @@ class DataConfig:
     """Separate validation file(s); replaces val_size."""
     cache: bool = True
     """Cache tokenized data (keyed by data, tokenizer, template and max_len)."""
+    streaming: bool = False
+    """Read, tokenize and pack the training data as the run goes, a buffer at a time (data larger than memory; needs train.max_steps). Validation: the first val_size records (a fraction: the first 200), or eval_path."""
+    stream_buffer: int = 2048
+    """Streaming: examples read, packed and shuffled together (memory grows with it; more mixes better)."""
 
     def __post_init__(self) -> None:
         if self.max_len < 8:
@@ -369,6 +373,11 @@ class RunConfig:
             raise LorakitError(f"train.objective dpo compares with a reference: the base with the adapter switched off, "
                                f"which train.method {self.train.method} does not have; use --train.method lora, or "
                                "--train.objective orpo or simpo (no reference)")
+        if self.data.streaming and self.train.max_steps < 1:
+            raise LorakitError("data.streaming reads the data without knowing its length: set train.max_steps "
+                               "(the run ends there; the stream restarts when it runs out)")
+        if self.data.streaming and self.data.stream_buffer < 2:
+            raise LorakitError(f"data.stream_buffer must be at least 2 examples, got {self.data.stream_buffer}")
         if self.lora.init == "eora" and self.model.quantize not in ("nf4", "fp4"):
             raise LorakitError(f"lora.init eora corrects a 4-bit base's rounding error: it needs model.quantize nf4 or "
                                f"fp4 (got {self.model.quantize!r})")

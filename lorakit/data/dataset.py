@@ -8,11 +8,12 @@ or dropped whole."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,11 +22,11 @@ from ..atomic import atomic_file
 from ..config import DataConfig
 from ..errors import LorakitError
 from . import demo
-from .formats import data_files, load_examples
+from .formats import data_files, load_examples, read_records, to_examples
 from .hub import HubSource, hub_fingerprint
 from .templates import Encoded, encode_example, resolve_template
 
-__all__ = ["Prepared", "prepare_data", "tokenizer_fingerprint"]
+__all__ = ["Prepared", "prepare_data", "tokenizer_fingerprint", "STREAM_VAL_RECORDS"]
 
 _CACHE_VERSION = 1
 
@@ -43,6 +44,12 @@ class Prepared:
     stats: dict[str, Any] = field(default_factory=dict)
     from_cache: bool = False
     pairs: bool = False  # train/val hold preference pairs: (chosen, rejected) at 2j, 2j+1
+    # data.streaming: train is empty and this gives a fresh pass over the training examples, encoded lazily
+    stream: Callable[[], Iterator[Encoded]] | None = None
+
+    def first(self, n: int) -> list[Encoded]:
+        """The first ``n`` training examples (read from the stream when streaming)."""
+        return self.train[:n] if self.stream is None else list(itertools.islice(self.stream(), n))
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -86,25 +93,34 @@ def _split(n: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
     return sorted(order[k:]), sorted(order[:k])
 
 
+def _encode_one(where: str, ex: dict, template: str, tokenizer: Any, cfg: DataConfig,
+                stats: dict[str, int]) -> tuple[Encoded | None, int | None]:
+    """One example encoded and truncated, or (None, None) when too long to keep, or (None, its
+    prompt's length) when no answer token is left."""
+    enc = encode_example(ex, template, tokenizer, cfg.train_on_prompt, where)
+    if len(enc.input_ids) > cfg.max_len:
+        stats["too_long"] += 1
+    kept = _truncate(enc, cfg.max_len, cfg.truncation)
+    if kept is None:
+        stats["dropped_too_long"] += 1
+        return None, None
+    if kept.n_labels == 0 or all(x == -100 for x in kept.labels[1:]):
+        # Only the prompt fits (or nothing is trained): nothing to learn from this example.
+        stats["dropped_no_labels"] += 1
+        return None, next((j for j, x in enumerate(enc.labels) if x != -100), len(enc.labels))
+    return kept, None
+
+
 def _encode_all(examples: list[tuple[str, dict]], template: str, tokenizer: Any, cfg: DataConfig,
                 stats: dict[str, int]) -> list[tuple[int, Encoded]]:
     out = []
     shortest_prompt = None
     for i, (where, ex) in enumerate(examples):
-        enc = encode_example(ex, template, tokenizer, cfg.train_on_prompt, where)
-        if len(enc.input_ids) > cfg.max_len:
-            stats["too_long"] += 1
-        kept = _truncate(enc, cfg.max_len, cfg.truncation)
-        if kept is None:
-            stats["dropped_too_long"] += 1
-            continue
-        if kept.n_labels == 0 or all(x == -100 for x in kept.labels[1:]):
-            # Only the prompt fits (or nothing is trained): nothing to learn from this example.
-            first = next((j for j, x in enumerate(enc.labels) if x != -100), len(enc.labels))
-            shortest_prompt = first if shortest_prompt is None else min(shortest_prompt, first)
-            stats["dropped_no_labels"] += 1
-            continue
-        out.append((i, kept))
+        kept, prompt = _encode_one(where, ex, template, tokenizer, cfg, stats)
+        if prompt is not None:
+            shortest_prompt = prompt if shortest_prompt is None else min(shortest_prompt, prompt)
+        if kept is not None:
+            out.append((i, kept))
     if not out:
         if shortest_prompt is not None and shortest_prompt >= cfg.max_len:
             raise LorakitError(f"data.max_len={cfg.max_len} is shorter than every prompt (the shortest is "
@@ -115,26 +131,35 @@ def _encode_all(examples: list[tuple[str, dict]], template: str, tokenizer: Any,
     return out
 
 
+def _encode_pair(where: str, ex: dict, template: str, tokenizer: Any, cfg: DataConfig,
+                 stats: dict[str, int]) -> list[Encoded] | None:
+    """A pair as [chosen, rejected], or None when either side has no answer token left."""
+    if "rejected" not in ex:
+        raise LorakitError(f"{where}: not a preference pair: a preference objective (train.objective) needs "
+                           "records with a prompt, a 'chosen' and a 'rejected' answer (data.columns maps other names)")
+    rejected = {"messages": ex["messages"][:-1] + [{"role": "assistant", "content": ex["rejected"]}]}
+    pair = []
+    for side in (ex, rejected):
+        enc = encode_example(side, template, tokenizer, False, where, final_only=True)
+        stats["too_long"] += len(enc.input_ids) > cfg.max_len
+        pair.append(_truncate(enc, cfg.max_len, cfg.truncation))
+    if any(e is None for e in pair):
+        stats["dropped_too_long"] += 1
+    elif any(e.n_labels == 0 or all(x == -100 for x in e.labels[1:]) for e in pair):
+        stats["dropped_no_labels"] += 1
+    else:
+        return pair  # type: ignore[return-value]
+    return None
+
+
 def _encode_pairs(examples: list[tuple[str, dict]], template: str, tokenizer: Any, cfg: DataConfig,
                   stats: dict[str, int]) -> list[tuple[int, Encoded]]:
     """Pairs as consecutive (chosen, rejected) examples; a pair goes whole when either side has
     no answer token left after truncation."""
     out: list[tuple[int, Encoded]] = []
     for i, (where, ex) in enumerate(examples):
-        if "rejected" not in ex:
-            raise LorakitError(f"{where}: not a preference pair: a preference objective (train.objective) needs "
-                               "records with a prompt, a 'chosen' and a 'rejected' answer (data.columns maps other names)")
-        rejected = {"messages": ex["messages"][:-1] + [{"role": "assistant", "content": ex["rejected"]}]}
-        pair = []
-        for side in (ex, rejected):
-            enc = encode_example(side, template, tokenizer, False, where, final_only=True)
-            stats["too_long"] += len(enc.input_ids) > cfg.max_len
-            pair.append(_truncate(enc, cfg.max_len, cfg.truncation))
-        if any(e is None for e in pair):
-            stats["dropped_too_long"] += 1
-        elif any(e.n_labels == 0 or all(x == -100 for x in e.labels[1:]) for e in pair):
-            stats["dropped_no_labels"] += 1
-        else:
+        pair = _encode_pair(where, ex, template, tokenizer, cfg, stats)
+        if pair is not None:
             out.append((i, pair))  # type: ignore[arg-type]
     if not out:
         raise LorakitError(f"no preference pair has an answer token left within data.max_len={cfg.max_len} "
@@ -206,11 +231,52 @@ def _chats(records: list[tuple[str, dict]], indices: list[int]) -> list[tuple[li
     return out
 
 
+# data.streaming with val_size given as a fraction (the data's size is not known): this many records
+STREAM_VAL_RECORDS = 200
+
+
+def _stream_examples(cfg: DataConfig, sources: list) -> Iterator[tuple[str, dict]]:
+    """Every record of ``sources`` normalised, read lazily (.jsonl/.csv a line at a time, hub datasets streamed)."""
+    return to_examples((r for src in sources for r in read_records(src, streaming=True)), cfg.format, cfg.columns)
+
+
+def _streamed(cfg: DataConfig, tokenizer: Any, template: str, pairs: bool) -> Prepared:
+    """data.streaming: validation read up front (eval_path, or the stream's first records), training
+    examples encoded as they are read; nothing is cached."""
+    if cfg.path is None:
+        raise LorakitError("data.streaming reads data files or hub datasets: give --data (the demo task is small)")
+    sources = data_files(cfg.path)
+    if cfg.eval_path is not None:
+        head, val_raw = 0, load_examples(cfg.eval_path, cfg.format, cfg.columns)
+    else:
+        head = int(cfg.val_size) if cfg.val_size >= 1 else STREAM_VAL_RECORDS if cfg.val_size > 0 else 0
+        val_raw = list(itertools.islice(_stream_examples(cfg, sources), head))
+    stats = {"records": 0, "too_long": 0, "dropped_too_long": 0, "dropped_no_labels": 0, "streaming": 1}
+    val_pairs = (_encode_pairs if pairs else _encode_all)(val_raw, template, tokenizer, cfg, stats) if val_raw else []
+    val = _flat([e for _, e in val_pairs]) if pairs else [e for _, e in val_pairs]  # type: ignore[misc]
+    stats.update(val_examples=len(val), val_records=head)
+
+    def stream() -> Iterator[Encoded]:
+        counts = dict(stats)  # (per pass; the run reports none of them)
+        for where, ex in itertools.islice(_stream_examples(cfg, sources), head, None):
+            if pairs:
+                yield from _encode_pair(where, ex, template, tokenizer, cfg, counts) or []
+            else:
+                kept, _ = _encode_one(where, ex, template, tokenizer, cfg, counts)
+                if kept is not None:
+                    yield kept
+
+    return Prepared([], val, template, _chats(val_raw, [i for i, _ in val_pairs]), None, stats, pairs=pairs,
+                    stream=stream)
+
+
 def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Path | None = None,
                  pairs: bool = False, held_out: bool = False) -> Prepared:
     """Tokenized train/val examples for ``cfg`` (the demo task when cfg.path is None); ``pairs``:
     preference pairs (see the module doc); ``held_out``: every record goes to val (``lorakit eval``)."""
     template = resolve_template(cfg.template, tokenizer)
+    if cfg.streaming and not held_out:
+        return _streamed(cfg, tokenizer, template, pairs)
     train_ex, val_ex, val_chats, scorer, sources = _raw_examples(cfg, pairs)
     if held_out and val_ex is None and sources is not None:
         train_ex, val_ex = [], train_ex

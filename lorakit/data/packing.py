@@ -4,6 +4,7 @@
   at 0 for each example, which is how the packed attention (``lorakit.ops.attention``) keeps
   examples from attending to each other, and labels never cross an example boundary.
 - ``pad``: length-grouped rows of one example each, right-padded, with an attention mask.
+- ``stream_plan``: the same, a buffer of a stream at a time (data.streaming).
 - ``pairs``: examples 2j and 2j+1 are a preference pair (chosen, rejected); the plan keeps them
   together (one packed row, or consecutive padded rows) so one forward scores both.
 """
@@ -11,14 +12,16 @@
 from __future__ import annotations
 
 import bisect
+import itertools
 import random
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import torch
 
 from .templates import Encoded
 
-__all__ = ["Batch", "pack_rows", "padded_rows", "collate_packed", "collate_padded", "batch_plan", "collate", "make_batches"]
+__all__ = ["Batch", "pack_rows", "padded_rows", "collate_packed", "collate_padded", "batch_plan", "stream_plan", "collate", "make_batches"]
 
 
 @dataclass
@@ -144,6 +147,21 @@ def batch_plan(examples: list[Encoded], max_len: int, batch_size: int, packing: 
     groups = padded_rows(lengths, batch_size, seed, max_tokens)
     rng.shuffle(groups)
     return groups
+
+
+def stream_plan(examples: Iterable[Encoded], max_len: int, batch_size: int, packing: bool, seed: int, buffer: int,
+                max_tokens: int = 0, pairs: bool = False) -> Iterator[tuple[list, list[Encoded]]]:
+    """A stream's micro-batches: every ``buffer`` examples (pairs kept whole) are planned together
+    as one ``batch_plan`` epoch (seed + the buffer's number); yields (item, that buffer). Memory
+    holds one buffer."""
+    it = iter(examples)
+    size = buffer + (buffer % 2 if pairs else 0)
+    for n in itertools.count():
+        chunk = list(itertools.islice(it, size))
+        if not chunk:
+            return
+        for item in batch_plan(chunk, max_len, batch_size, packing, seed + n, max_tokens, pairs):
+            yield item, chunk
 
 
 def collate(item: list, examples: list[Encoded], packing: bool, pad_id: int) -> Batch:

@@ -11,6 +11,7 @@ events between steps (a rank growth, an evaluation, a checkpoint). Logging and p
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import signal
 import shutil
@@ -28,7 +29,7 @@ from ..core.full_tuning import FullTuning
 from ..core.lora_model import LoraModel
 from ..core.sharded import full_tensor
 from ..data.dataset import Prepared, prepare_data
-from ..data.packing import Batch, batch_plan, collate
+from ..data.packing import Batch, batch_plan, collate, stream_plan
 from ..errors import LorakitError
 from ..ops.attention import packed_positions, use_packed_attention
 from .checkpoint import Progress, rng_state, save_checkpoint
@@ -199,8 +200,31 @@ def _stop_on_signals(run: Run) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def _streamed_batches(run: Run) -> Iterator[Batch]:
+    """data.streaming: micro-batches a buffer at a time, the stream read again when it runs out; a
+    resumed run reads past those already consumed (the same order: it depends only on the seed)."""
+    cfg, t_cfg, pad = run.cfg, run.cfg.train, run.base.tokenizer.pad_token_id
+    skip = run.progress.micro_batches
+    for epoch in itertools.count():
+        n = 0
+        for item, chunk in stream_plan(run.prepared.stream(), cfg.data.max_len, t_cfg.batch_size, cfg.data.packing,
+                                       t_cfg.seed + epoch, cfg.data.stream_buffer,
+                                       cfg.micro_tokens(run.ctx.world), run.prepared.pairs):
+            n += 1
+            if skip:
+                skip -= 1
+                continue
+            yield collate(item, chunk, cfg.data.packing, pad)
+        if n == 0:
+            raise LorakitError("the data stream has no example with a token to train on (after templating and "
+                               "truncation); check data.format / data.columns and data.max_len")
+
+
 def _micro_batches(run: Run) -> Iterator[Batch]:
     """Every micro-batch of the run in order; a resumed run skips those already consumed."""
+    if run.prepared.stream is not None:
+        yield from _streamed_batches(run)
+        return
     cfg, t_cfg, per_epoch = run.cfg, run.cfg.train, run.opt.batches_per_epoch
     epoch, i = divmod(run.progress.micro_batches, per_epoch)
     while True:
@@ -361,7 +385,7 @@ def _finish(run: Run, t_begin: float) -> TrainResult:
     run.log.eval(progress.step, after, label=run.label)
     p = run.prepared
     described = dict(cfg=run.cfg, tokenizer=run.base.tokenizer, before=run.before, after=after, steps=progress.step,
-                     data=data_summary(run.cfg, len(p.train), len(p.val), p.template), tokens=progress.tokens,
+                     data=data_summary(run.cfg, None if p.stream else len(p.train), len(p.val), p.template), tokens=progress.tokens,
                      precision=run.base.precision)
     if isinstance(run.lm, FullTuning):
         describe_model(adapter_dir, base=run.cfg.model.name, trained=run.lm.trainable_report()[0], **described)

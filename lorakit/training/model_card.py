@@ -165,9 +165,9 @@ def write_model_card(folder: str | os.PathLike, text: str) -> Path:
     return path
 
 
-def data_summary(cfg: RunConfig, n_train: int, n_val: int, template: str) -> str:
-    """The card's Data paragraph."""
-    n = f"{n_train} training / {n_val} held-out examples"
+def data_summary(cfg: RunConfig, n_train: int | None, n_val: int, template: str) -> str:
+    """The card's Data paragraph (``n_train`` None: streamed)."""
+    n = f"{'streamed' if n_train is None else n_train} training / {n_val} held-out examples"
     shape = f"template `{template}`, max_len {cfg.data.max_len}" + (", packed rows" if cfg.data.packing else "")
     if cfg.data.path is None:
         return (f"lorakit's built-in demo task (dates written many ways → `YYYY-MM-DD`, and a fixed identity "

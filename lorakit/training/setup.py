@@ -156,7 +156,7 @@ def calibrate_base(cfg: RunConfig, base: BaseSetup, prepared: Prepared, echo: Ec
     if base.calibrate:
         from ..quant.gptq import calibrated_quantize
 
-        examples = prepared.train[: cfg.model.quant_calibration]
+        examples = prepared.first(cfg.model.quant_calibration)
         rows = make_batches(examples, cfg.data.max_len, 1, True, 0, seed=cfg.train.seed)  # packed rows: no padding
         rank = max([cfg.lora.r, *cfg.lora.rank_pattern.values()]) if base.eora else 0
         done = calibrated_quantize(base.model, base.spec, rows, base.device, rounding=cfg.model.quant_rounding,
@@ -175,6 +175,10 @@ def calibrate_base(cfg: RunConfig, base: BaseSetup, prepared: Prepared, echo: Ec
 def data_line(cfg: RunConfig, prepared: Prepared) -> str:
     stats = prepared.stats
     what, n = ("preference pairs", 2) if prepared.pairs else ("examples", 1)
+    if prepared.stream is not None:
+        held = "data.eval_path" if cfg.data.eval_path else f"the first {stats['val_records']} records"
+        return (f"data: streamed (read, tokenized and packed {cfg.data.stream_buffer} examples at a time); "
+                f"{len(prepared.val) // n} validation {what} from {held}, template {prepared.template}")
     return (f"data: {len(prepared.train) // n} train / {len(prepared.val) // n} validation {what}, template {prepared.template}"
             + (" (tokenized data from cache)" if prepared.from_cache else "")
             + (f"; {stats['too_long']} longer than max_len={cfg.data.max_len} ({cfg.data.truncation})"
