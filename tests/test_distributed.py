@@ -101,3 +101,27 @@ def test_fsdp2_run_writes_the_ddp_adapter(tiny_model_dir, tmp_path):
     assert loaded.peft_config["default"].r == 4
     single = _run(_args(tiny_model_dir, data, tmp_path / "x", "--train.fsdp", "true"))
     assert single.returncode == 2 and "start with --nproc N or torchrun" in single.stderr
+
+
+@pytest.mark.parametrize("objective,fsdp", [("dpo", False), ("orpo", False), ("dpo", True)])
+def test_a_preference_run_on_two_processes_equals_one_process(tiny_model_dir, tmp_path, objective, fsdp):
+    """The objective's step mean (pairs and chosen-answer tokens summed over every rank) and its
+    logged rewards are those of one process with the same global batch — also with the decoder
+    blocks sharded (FSDP2), where DPO's reference forward runs through the shards too."""
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"add {i} and {i}", "chosen": str(2 * i),
+                                        "rejected": f"the sum is {2 * i + i % 3}"}) + "\n" for i in range(40)))
+    flags = ("--train.objective", objective, "--train.max_steps", "3", "--train.log_every", "1")
+    single = _run(_args(tiny_model_dir, data, tmp_path / "one", "--train.grad_accum", "2", *flags))
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = _run(_args(tiny_model_dir, data, tmp_path / "two", "--train.grad_accum", "1", *flags,
+                        "--train.fsdp", str(fsdp).lower()), nproc=2)
+    assert double.returncode == 0, double.stderr[-3000:]
+    _assert_same(_adapter(tmp_path / "one" / "adapter"), _adapter(tmp_path / "two" / "adapter"))
+    logged = lambda run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()  # noqa: E731
+                          if '"loss"' in x]
+    one, two = logged("one"), logged("two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        for key in ("loss", "reward_acc", "reward_margin", "logp_chosen", "logp_rejected"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
