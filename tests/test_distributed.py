@@ -103,6 +103,7 @@ def test_fsdp2_run_writes_the_ddp_adapter(tiny_model_dir, tmp_path):
     assert single.returncode == 2 and "start with --nproc N or torchrun" in single.stderr
 
 
+@pytest.mark.slow  # three torchrun jobs and three single-process runs: ~1.5 min
 @pytest.mark.parametrize("objective,fsdp", [("dpo", False), ("orpo", False), ("dpo", True)])
 def test_a_preference_run_on_two_processes_equals_one_process(tiny_model_dir, tmp_path, objective, fsdp):
     """The objective's step mean (pairs and chosen-answer tokens summed over every rank) and its
