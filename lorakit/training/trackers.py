@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..config import TRACKERS
 from ..errors import require_extra
@@ -63,17 +63,15 @@ def _table_rows(summary: dict[str, dict[str, float]]) -> tuple[list[str], list[l
     return ["score", *models], [[k, *(summary[m].get(k) for m in models)] for k in keys]
 
 
-class Tracker:
+class Tracker(Protocol):
     """One tracker's run: ``log`` each metrics line, ``finish`` with the final table."""
 
-    def log(self, step: int, values: dict[str, float]) -> None:
-        raise NotImplementedError
+    def log(self, step: int, values: dict[str, float]) -> None: ...
 
-    def finish(self, summary: dict[str, dict[str, float]] | None, status: str) -> None:
-        raise NotImplementedError
+    def finish(self, summary: dict[str, dict[str, float]] | None, status: str) -> None: ...
 
 
-class _TensorBoard(Tracker):
+class _TensorBoard:
     def __init__(self, out: Path, config: dict[str, Any], yaml_text: str, start_step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -94,7 +92,7 @@ class _TensorBoard(Tracker):
         self.writer.close()
 
 
-class _Wandb(Tracker):
+class _Wandb:
     def __init__(self, out: Path, config: dict[str, Any], project: str, name: str) -> None:
         import wandb
 
@@ -114,7 +112,7 @@ class _Wandb(Tracker):
         self.run.finish(exit_code=0 if status == "finished" else 1)
 
 
-class _MLflow(Tracker):
+class _MLflow:
     def __init__(self, out: Path, config: dict[str, Any], yaml_text: str, project: str, name: str) -> None:
         from mlflow.tracking import MlflowClient
 
@@ -145,7 +143,7 @@ class _MLflow(Tracker):
         self.client.set_terminated(self.run_id, "FINISHED" if status == "finished" else "KILLED")
 
 
-class _Trackio(Tracker):
+class _Trackio:
     def __init__(self, config: dict[str, Any], project: str, name: str) -> None:
         import trackio
 
