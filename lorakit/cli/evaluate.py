@@ -36,18 +36,13 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 def _adapter_folders(specs: list[str]) -> list[tuple[str, Path]]:
     """(name, adapter folder) per spec; a run folder stands for its adapter/, named after the run."""
+    from ..core.peft_format import find_adapter_folder
     from ..inference.engine import parse_adapter_spec
 
     out: list[tuple[str, Path]] = []
     for spec in specs:
         name, path = parse_adapter_spec(spec)
-        folder = Path(path)
-        if (folder / "adapter" / "adapter_config.json").is_file():
-            folder = folder / "adapter"
-        elif not (folder / "adapter_config.json").is_file():
-            hint = ("; a full/freeze run saves a model: evaluate it with --model " + str(folder / "model")
-                    if (folder / "model" / "config.json").is_file() else "")
-            raise LorakitError(f"{path}: not an adapter folder (no adapter_config.json) nor a run folder with adapter/{hint}")
+        folder = find_adapter_folder(path)
         if "=" not in spec and folder.name == "adapter":
             name = folder.parent.name or name
         if name in [n for n, _ in out]:
@@ -115,6 +110,10 @@ def _load(args: argparse.Namespace, adapters: list[tuple[str, Path]], cfg):
     lm = LoraModel(model)
     for adapter_name, folder in adapters:
         lm.load_adapter(folder, adapter_name, activate=False)
+    if cfg is not None and cfg.train.objective == "dpo" and cfg.train.init_adapter is not None:
+        from ..training.objective import INIT_ADAPTER
+
+        lm.load_adapter(cfg.train.init_adapter, INIT_ADAPTER, activate=False)  # the run's DPO reference
     return lm, tok, name
 
 
@@ -169,12 +168,13 @@ def _print_report(report, model_name: str, show: int) -> None:
     base = models[0].scores
     for m in models[1:]:
         print(f"  {m.name}: " + _gain_line(base, m.scores))
+    label = max(12, *(len(m.name) + 2 for m in models))
     for i in range(min(show, len(report.prompts))):
         print()
         print(f"  Q: {report.prompts[i]!r}")
-        print(f"     {'reference:':<12}{report.references[i]!r}")
+        print(f"     {'reference:':<{label}}{report.references[i]!r}")
         for m in models:
-            print(f"     {m.name + ':':<12}{m.answers[i]!r}")
+            print(f"     {m.name + ':':<{label}}{m.answers[i]!r}")
 
 
 def _gain_line(base: dict, new: dict) -> str:

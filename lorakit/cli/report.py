@@ -31,7 +31,7 @@ def print_train_summary(result, cfg: RunConfig) -> None:
 
     print()
     trained = "fine-tuned" if weights else "with adapter"
-    print(f"  {'held-out':<14}{'base':>12}{trained:>16}")
+    print(f"  {'held-out':<14}{r.before_label:>12}{trained:>16}")
     for label, key, fmt in SCORE_ROWS:
         if key in r.after or key in r.before:
             print(f"  {label:<14}{_fmt(r.before.get(key), fmt):>12}{_fmt(r.after.get(key), fmt):>16}")
@@ -39,5 +39,5 @@ def print_train_summary(result, cfg: RunConfig) -> None:
         print()
         for q, base, new in r.samples:
             print(f"  Q: {q!r}")
-            print(f"     base:    {base!r}")
+            print(f"     {r.before_label + ':':<9}{base!r}")
             print(f"     {('tuned:' if weights else 'adapter:'):<9}{new!r}")

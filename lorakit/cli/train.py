@@ -79,6 +79,7 @@ def _fit_memory(cfg, main_rank: bool):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from ..training.loop import train
+    from ..training.setup import with_init_adapter
     from .flags import run_config
     from .report import print_train_summary
 
@@ -93,7 +94,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print("no --data given: training on the built-in demo task (date normalisation + identity"
               + (", as preference pairs: the strict answer chosen, other styles rejected)" if cfg.train.objective != "sft"
                  else ")"))
-    cfg = _fit_memory(cfg, main_rank)
+    cfg = _fit_memory(with_init_adapter(cfg), main_rank)
     result = train(cfg)
     if main_rank:
         print_train_summary(result, cfg)

@@ -231,7 +231,7 @@ class TrainConfig:
     method: str = "lora"
     """What trains: lora (A and B) | dora (DoRA: A, B and a per-output magnitude; same as lora.use_dora true) | full (the model's own weights, in fp32 master copies; saves a transformers folder) | freeze (only the last train.freeze_layers decoder blocks, as full)."""
     objective: str = "sft"
-    """What the loss is: sft (next-token loss on the answers) | dpo (preference pairs; the reference is the base with the adapter off, no second copy) | orpo (pairs; the chosen answers' loss plus an odds-ratio term, no reference) | simpo (pairs; length-normalised margin, no reference)."""
+    """What the loss is: sft (next-token loss on the answers) | dpo (preference pairs; the reference is the base with the adapter off, or train.init_adapter as it started: no second copy) | orpo (pairs; the chosen answers' loss plus an odds-ratio term, no reference) | simpo (pairs; length-normalised margin, no reference)."""
     beta: Union[float, None] = None
     """dpo/orpo/simpo: β, how strongly the preference pulls (unset: 0.1 for dpo and orpo, 2.0 for simpo)."""
     simpo_gamma: float = 0.5
@@ -294,6 +294,8 @@ class TrainConfig:
     """Reuse an existing out_dir (its old files are replaced)."""
     resume: Union[str, None] = None
     """Resume from 'latest' or a checkpoint folder."""
+    init_adapter: Union[str, None] = None
+    """Train a saved adapter further (its folder or its run folder): its rank, α and targets replace the lora section's; before/after and DPO's reference are this adapter as it starts (a frozen copy), not the bare base."""
     rank_schedule: Union[str, list, None] = None
     """Progressive rank: '2@0,8@200,16@600' (rank@step) or 'plateau:2,8,16' (grow when eval loss stalls); lora.r = the last rank."""
     fsdp: bool = False
@@ -378,6 +380,10 @@ class RunConfig:
                                "(the run ends there; the stream restarts when it runs out)")
         if self.data.streaming and self.data.stream_buffer < 2:
             raise LorakitError(f"data.stream_buffer must be at least 2 examples, got {self.data.stream_buffer}")
+        clash = [k for k, on in (("train.rank_schedule", self.train.rank_schedule is not None),
+                                 ("train.fsdp", self.train.fsdp)) if on]
+        if self.train.init_adapter is not None and clash:
+            raise LorakitError(f"train.init_adapter cannot be combined with {clash[0]} yet; drop one of them")
         if self.lora.init == "eora" and self.model.quantize not in ("nf4", "fp4"):
             raise LorakitError(f"lora.init eora corrects a 4-bit base's rounding error: it needs model.quantize nf4 or "
                                f"fp4 (got {self.model.quantize!r})")
@@ -415,7 +421,9 @@ def _check_weight_method(cfg: RunConfig) -> None:
                ("train.rank_schedule", t.rank_schedule is not None, "a rank schedule grows an adapter"),
                ("train.lora_plus_ratio", t.lora_plus_ratio > 0, "LoRA+ sets B's learning rate"),
                ("train.fsdp", t.fsdp, "FSDP runs shard adapters only for now"),
-               ("lora.init", cfg.lora.init != "default", "the init is an adapter's")]
+               ("lora.init", cfg.lora.init != "default", "the init is an adapter's"),
+               ("train.init_adapter", t.init_adapter is not None, "it trains an adapter further; to start from one, "
+                "merge it into a model folder (lorakit merge) and pass that as --model")]
     for key, bad, why in refused:
         if bad:
             raise LorakitError(f"train.method {method} trains the model's own weights and cannot use {key}: {why}")

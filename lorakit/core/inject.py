@@ -377,6 +377,27 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
+def using_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """Inside the block the forward runs ``names`` instead of the active adapters; which tensors
+    train is unchanged (a frozen adapter can score beside the one that trains)."""
+    modules = [m for _, m in adapter_modules(model)]
+    lora = [m for m in modules if isinstance(m, LoraLayer)]
+    others = [m for m in modules if not isinstance(m, LoraLayer)]
+    previous = [m.active_adapters for m in lora], [m.active_adapter for m in others]
+    for m in lora:
+        m.active_adapters = [n for n in names if n in m.lora_A]
+    for m in others:
+        m.active_adapter = next((n for n in names if n in m.modules_to_save), None)
+    try:
+        yield
+    finally:
+        for m, was in zip(lora, previous[0]):
+            m.active_adapters = was
+        for m, was in zip(others, previous[1]):
+            m.active_adapter = was
+
+
+@contextmanager
 def mixed_batch(model: nn.Module, row_adapters: Sequence[str | None], known: Sequence[str]) -> Iterator[None]:
     """Inside the block, row i of every batch uses adapter ``row_adapters[i]`` (None: the base)."""
     unknown = sorted({r for r in row_adapters if r is not None and r not in known})

@@ -18,6 +18,7 @@ from ..config import LoraConfig
 from ..errors import LorakitError
 from .inject import (
     delete_adapter, disable_adapters, expand_pattern_aliases, inject_adapter, mixed_batch, set_active_adapters,
+    using_adapters,
 )
 from .report import format_report, trainable_report
 from .merge import merge_adapters, merge_and_unload, unload, unmerge_adapters
@@ -95,6 +96,16 @@ class LoraModel(nn.Module):
     def disable_adapter(self) -> Iterator[None]:
         """``with model.disable_adapter():`` runs the bare base model."""
         with disable_adapters(self.model):
+            yield
+
+    @contextmanager
+    def using_adapter(self, names: str | Sequence[str]) -> Iterator[None]:
+        """``with model.using_adapter("init"):`` runs that adapter (trainable flags unchanged)."""
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in self.configs]
+        if unknown:
+            raise LorakitError(f"unknown adapter(s) {unknown}; loaded: {list(self.configs)}")
+        with using_adapters(self.model, names):
             yield
 
     @contextmanager

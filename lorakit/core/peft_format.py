@@ -53,6 +53,19 @@ def adapter_dir(path: str | os.PathLike, name: str) -> Path:
     return Path(path) if name == "default" else Path(path) / name
 
 
+def find_adapter_folder(path: str | os.PathLike) -> Path:
+    """The adapter folder ``path`` names: itself (adapter_config.json inside), or a run folder's
+    ``adapter/``; anything else is refused with what was found there."""
+    folder = Path(path)
+    if (folder / "adapter" / CONFIG_NAME).is_file():
+        return folder / "adapter"
+    if not (folder / CONFIG_NAME).is_file():
+        hint = ("; a full/freeze run saves a model: use it with --model " + str(folder / "model")
+                if (folder / "model" / "config.json").is_file() else "")
+        raise LorakitError(f"{path}: not an adapter folder (no {CONFIG_NAME}) nor a run folder with adapter/{hint}")
+    return folder
+
+
 # ---- config ------------------------------------------------------------------------------
 
 def config_to_peft(config: LoraConfig, targets: list[str] | str) -> dict[str, Any]:

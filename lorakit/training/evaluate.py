@@ -14,7 +14,7 @@ from ..data.packing import make_batches
 from ..data.templates import Encoded, generation_prompt
 from ..inference.generation import Request, Sampling, generate_batch
 from ..ops.loss import causal_lm_loss_sum
-from .objective import Objective
+from .objective import Objective, starting_model
 
 __all__ = ["eval_loss", "preference_scores", "generate_answers", "exact_match", "perplexity", "held_out_scores",
            "answer_tokens", "evaluate_adapter"]
@@ -120,8 +120,8 @@ def evaluate_adapter(lm: Any, tokenizer: Any, prepared: Any, max_len: int, batch
                      device: torch.device, base: bool, objective: Objective | None = None) -> tuple[dict[str, float], list[str]]:
     """A LoraModel's held-out scores (``held_out_scores``) and (when the data has a scorer) exact
     match of greedy answers on the first ``eval_samples`` prompts — for pairs, with the chosen
-    answer: the preferred-answer rate; ``base`` disables the adapter. Returns the scores and the answers."""
-    with lm.disable_adapter() if base else contextlib.nullcontext():
+    answer: the preferred-answer rate; ``base``: the model the run started from (``starting_model``). Returns the scores and the answers."""
+    with starting_model(lm) if base else contextlib.nullcontext():
         out = held_out_scores(lm, tokenizer, prepared, max_len, batch_size, device, objective)
         answers: list[str] = []
         if prepared.scorer is not None and prepared.val_chats and eval_samples > 0:

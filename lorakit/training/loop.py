@@ -42,7 +42,7 @@ from .runlog import NullLog, RunLog, peak_memory_mb
 from .trackers import open_trackers
 from .mfu import matmul_peak_flops, mfu, train_flops_per_token
 from .setup import (BaseSetup, Optimization, RunPlan, calibrate_base, check_run, data_line, load_base, load_states,
-                    make_adapter, make_optimization, open_run_folder, output_name, restore)
+                    make_adapter, make_optimization, open_run_folder, output_name, restore, with_init_adapter)
 
 __all__ = ["train", "TrainResult"]
 
@@ -64,6 +64,7 @@ class TrainResult:
     samples: list[tuple[str, str, str]] = field(default_factory=list)  # (question, base answer, adapter answer)
     mfu: float = 0.0  # model FLOPs utilisation of the loop (lorakit.training.mfu)
     peak_flops: float = 0.0  # the matmul peak it is measured against (FLOP/s, this run's precision)
+    before_label: str = "base"  # what ``before`` scored: base, or start (train.init_adapter as it started)
 
 
 @dataclass
@@ -93,6 +94,11 @@ class Run:
     flops_per_token: float = 0.0
     peak_flops: float = 0.0
 
+    @property
+    def before_label(self) -> str:
+        """What the "before" is called: base, or start when train.init_adapter is trained further."""
+        return "base" if self.cfg.train.init_adapter is None else "start"
+
     def evaluate(self, base: bool = False) -> tuple[dict[str, float], list[str]]:
         t = self.cfg.train
         # A full/freeze model mixes fp32 trained and half-precision frozen weights: it runs under autocast.
@@ -111,7 +117,7 @@ class Run:
 
 def train(cfg: RunConfig, show_progress: bool = True, echo: Callable[[str], None] = print) -> TrainResult:
     t_begin = time.perf_counter()
-    cfg, line = resolve_batch_tokens(cfg)  # (lorakit train has resolved it already, and said so)
+    cfg, line = resolve_batch_tokens(with_init_adapter(cfg))  # (lorakit train has resolved them already, and said so)
     if line:
         echo(line)
     ctx = init_distributed(resolve_device(cfg.model.device))  # torchrun's process group, or a single process
@@ -171,9 +177,10 @@ def _setup(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
 
 
 def _evaluate_base(run: Run) -> None:
-    """The base's scores (the adapter switched off), the "before" of the final table."""
+    """The scores of the model the run starts from (the base, or train.init_adapter's adapter), the
+    "before" of the final table."""
     run.before, run.base_answers = run.evaluate(base=True)
-    run.log.eval(0, run.before, label="base")
+    run.log.eval(0, run.before, label=run.before_label)
     if run.base.eora and run.prepared.val:
         corrected = eval_loss(run.lm.model, run.prepared.val, run.cfg.data.max_len, run.cfg.train.batch_size,
                               run.base.tokenizer.pad_token_id, run.base.device)
@@ -339,10 +346,18 @@ def _write_checkpoint(run: Run) -> Path | None:
     need = 3 * sum(p.numel() * p.element_size() for p in run.lm.parameters() if p.requires_grad)
     path = None
     if ctx.is_main:  # every rank holds the same adapter and optimizer state
-        path = save_checkpoint(run.plan.out, run.progress, lambda d: run.lm.save_pretrained(d, states=states), state,
+        path = save_checkpoint(run.plan.out, run.progress, lambda d: _save_trained(run.lm, d, states), state,
                                run.config_yaml, run.cfg.train.keep_last, need_bytes=need, part=output_name(run.lm))
     ctx.barrier()
     return path
+
+
+def _save_trained(lm: LoraModel | FullTuning, folder: Path, states: dict | None) -> None:
+    """What trains, into a checkpoint: the adapter 'default' (not train.init_adapter's frozen copy)."""
+    if isinstance(lm, FullTuning):
+        lm.save_pretrained(folder, states=states)
+    else:
+        lm.save_pretrained(folder, adapters=["default"], states=states)
 
 
 def _write_output(run: Run, folder: Path) -> None:
@@ -368,7 +383,8 @@ def _finish(run: Run, t_begin: float) -> TrainResult:
     def result(**kw) -> TrainResult:
         return TrainResult(out, kw.pop("adapter", adapter_dir), progress.step, progress.tokens,
                            time.perf_counter() - t_begin, train_s, tps, peak_memory_mb(device), run.loss, **kw,
-                           mfu=mfu(tps, run.flops_per_token, run.peak_flops), peak_flops=run.peak_flops)
+                           mfu=mfu(tps, run.flops_per_token, run.peak_flops), peak_flops=run.peak_flops,
+                           before_label=run.before_label)
 
     if not run.ctx.is_main:  # rank 0 writes the adapter and evaluates
         if run.ctx.fsdp and not interrupted:
@@ -382,7 +398,7 @@ def _finish(run: Run, t_begin: float) -> TrainResult:
     _write_output(run, adapter_dir)
     run.log.close()  # the bar's time is the loop's, not the evaluation's
     after, answers = run.evaluate()
-    run.log.eval(progress.step, after, label=run.label)
+    run.log.eval(progress.step, after, label=run.label, final=True)
     p = run.prepared
     described = dict(cfg=run.cfg, tokenizer=run.base.tokenizer, before=run.before, after=after, steps=progress.step,
                      data=data_summary(run.cfg, None if p.stream else len(p.train), len(p.val), p.template), tokens=progress.tokens,
@@ -397,5 +413,5 @@ def _finish(run: Run, t_begin: float) -> TrainResult:
         base_answers = run.base_answers or [""] * len(answers)
         for (chat, _), base_a, new_a in list(zip(p.val_chats, base_answers, answers))[:4]:
             samples.append((chat[-1]["content"], base_a.strip(), new_a.strip()))
-    run.log.finish({"base": run.before, run.label: after})
+    run.log.finish({run.before_label: run.before, run.label: after})
     return result(before=run.before, after=after, samples=samples)

@@ -41,12 +41,13 @@ def _front_matter(base: str, license: str | None, method: str = "lora") -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
-def _eval_table(before: dict[str, float], after: dict[str, float], trained: str = "with adapter") -> list[str]:
+def _eval_table(before: dict[str, float], after: dict[str, float], trained: str = "with adapter",
+                before_label: str = "base") -> list[str]:
     rows = [(label, key, fmt) for label, key, fmt in SCORE_ROWS if key in before or key in after]
     if not rows:
         return ["No held-out evaluation was run (data.val_size 0 and no data.eval_path)."]
     show = lambda d, k, f: f.format(d[k]) if k in d and d[k] == d[k] else "–"  # noqa: E731 (nan: not measured)
-    return ([f"| held-out | base | {trained} |", "|---|---:|---:|"]
+    return ([f"| held-out | {before_label} | {trained} |", "|---|---:|---:|"]
             + [f"| {label} | {show(before, k, f)} | {show(after, k, f)} |" for label, k, f in rows])
 
 
@@ -54,7 +55,8 @@ def _common_settings(cfg: RunConfig, steps: int, tokens: int, precision: str) ->
     tr = cfg.train
     objective = [] if tr.objective == "sft" else [
         ("objective", f"{tr.objective}, β {tr.preference_beta:g}" + (f", γ {tr.simpo_gamma:g}" if tr.objective == "simpo" else "")
-         + (" (reference: the base, adapter off)" if tr.objective == "dpo" else ""))]
+         + ((" (reference: the base, adapter off)" if tr.init_adapter is None else
+             f" (reference: {tr.init_adapter} as it started, a frozen copy)") if tr.objective == "dpo" else ""))]
     return [
         *objective,
         ("learning rate", f"{tr.peak_lr:g} ({tr.schedule}, warm-up {tr.warmup:g})"),
@@ -99,7 +101,8 @@ def model_card(cfg: RunConfig, base: str, license: str | None, data_summary: str
     settings = [
         ("rank r / alpha", f"{lo.r} / {lo.alpha:g}" + (" (rsLoRA: alpha/√r)" if lo.use_rslora else "")
          + (" (DoRA)" if lo.use_dora else "")),
-        ("target modules", targets), ("dropout", f"{lo.dropout:g}"), ("init", lo.init),
+        ("target modules", targets), ("dropout", f"{lo.dropout:g}"),
+        ("init", lo.init if cfg.train.init_adapter is None else f"trained further from {cfg.train.init_adapter}"),
         *_common_settings(cfg, steps, tokens, precision),
     ]
     if m.quantize != "none":
@@ -126,7 +129,7 @@ def model_card(cfg: RunConfig, base: str, license: str | None, data_summary: str
         "",
         "## Evaluation",
         "",
-        *_eval_table(before, after),
+        *_eval_table(before, after, before_label="base" if cfg.train.init_adapter is None else "start"),
         "",
         "## Use it",
         "",

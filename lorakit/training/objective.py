@@ -6,13 +6,14 @@ divides by — label tokens for sft, pairs for the preference losses, and for OR
 answers' tokens of its NLL term), and each micro-batch's share of the step's loss with the
 numbers to log. A pair's two answers sit in one micro-batch (one packed row, or two padded rows:
 ``lorakit.data.packing``), so one forward scores both; DPO's reference is the same model with
-the adapter switched off, run once more without gradients — no second copy of the model.
+the adapter switched off (or, training ``train.init_adapter`` further, with that adapter's frozen
+copy: ``starting_model``), run once more without gradients — no second copy of the model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +23,10 @@ from ..data.packing import Batch
 from ..ops.loss import causal_lm_loss_sum, token_logprobs
 from ..ops.preference import dpo_losses, orpo_losses, sequence_sums, simpo_losses
 
-__all__ = ["Totals", "Objective", "PairScores", "make_objective", "pair_counts"]
+__all__ = ["INIT_ADAPTER", "Totals", "Objective", "PairScores", "make_objective", "pair_counts", "starting_model"]
+
+# The frozen copy of train.init_adapter a run keeps beside the adapter it trains: its "before".
+INIT_ADAPTER = "init"
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,7 @@ class Objective:
         c_mean, r_mean = c_sum / c_n, r_sum / r_n
         nll = None
         if self.name == "dpo":
-            with torch.no_grad(), lm.disable_adapter():
+            with torch.no_grad(), starting_model(lm):
                 ref_c, ref_r, _, _ = _sequence_logps(model, batch)
             losses, c_rew, r_rew = dpo_losses(c_sum, r_sum, ref_c, ref_r, self.beta)
         elif self.name == "orpo":
@@ -120,6 +124,12 @@ class Objective:
             loss = loss + scores.nll_sum / totals.chosen_labels
             stats["nll"] = float(scores.nll_sum.detach()) * totals.pairs / totals.chosen_labels  # (÷ pairs when logged)
         return loss, stats
+
+
+def starting_model(lm: Any) -> ContextManager[None]:
+    """Inside the block ``lm`` is the model its run started from — DPO's reference and the "before"
+    of the evaluation: the base with the adapter off, or train.init_adapter's frozen copy."""
+    return lm.using_adapter(INIT_ADAPTER) if INIT_ADAPTER in getattr(lm, "configs", {}) else lm.disable_adapter()
 
 
 def make_objective(t: TrainConfig) -> Objective:

@@ -63,7 +63,7 @@ class RunLog:
             self.train_points.append((rec["step"], rec["loss"]))
         if "eval_loss" in rec:
             self.eval_points.append((rec["step"], rec["eval_loss"]))
-        if rec.get("model") == "base":
+        if rec.get("model") in ("base", "start"):  # the "before" (start: train.init_adapter as it started)
             self.base_metrics = {k: v for k, v in rec.items() if k not in ("step", "model")}
 
     def _write(self, rec: dict[str, Any]) -> None:
@@ -101,8 +101,10 @@ class RunLog:
             if self.plot:
                 plot_losses(self.out / "loss.png", self.train_points, self.eval_points)
 
-    def eval(self, step: int, metrics: dict[str, float], label: str = "adapter") -> None:
-        self._write({"step": step, "model": label, **{k: round(v, 6) for k, v in metrics.items()}})
+    def eval(self, step: int, metrics: dict[str, float], label: str = "adapter", final: bool = False) -> None:
+        """An evaluation's scores; ``final``: the finished run's (the "after" of its table)."""
+        self._write({"step": step, "model": label, **({"final": True} if final else {}),
+                     **{k: round(v, 6) for k, v in metrics.items()}})
         text = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         (self.bar.write if self.bar is not None else print)(f"eval @ step {step} ({label}): {text}")
         if self.plot:

@@ -20,6 +20,7 @@ from ..config import WEIGHT_METHODS, RunConfig
 from ..config.rank_schedule import RankSchedule, parse_rank_schedule, stage_alpha
 from ..core.full_tuning import FullTuning, select_trainable
 from ..core.lora_model import LoraModel, get_lora_model
+from ..core.peft_format import find_adapter_folder, read_adapter
 from ..core.start import drop_all as drop_start_factors
 from ..data.dataset import Prepared
 from ..data.packing import batch_plan, make_batches
@@ -27,15 +28,26 @@ from ..errors import LorakitError
 from ..quant.bnb import prepare_for_kbit_training, quant_summary
 from ..quant.saved_base import QUANTIZED_BASE, save_quantized_base
 from .trackers import check_trackers
+from .objective import INIT_ADAPTER
 from .checkpoint import Progress, find_checkpoint, load_trainer_state, set_rng_state
 from .distributed import DistContext
 from .optim import build_optimizer, lr_lambda
 from .rank_schedule import PlateauTracker
 
-__all__ = ["RunPlan", "BaseSetup", "Optimization", "check_run", "run_precision", "load_base", "calibrate_base", "data_line",
+__all__ = ["with_init_adapter", "RunPlan", "BaseSetup", "Optimization", "check_run", "run_precision", "load_base", "calibrate_base", "data_line",
            "make_adapter", "output_name", "make_optimization", "restore", "load_states", "open_run_folder"]
 
 Echo = Callable[[str], None]
+
+
+def with_init_adapter(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with train.init_adapter's own LoRA config (rank, α, targets, dropout...) as its lora
+    section and the adapter folder resolved (a run folder stands for its adapter/); unchanged without one."""
+    if cfg.train.init_adapter is None:
+        return cfg
+    folder = find_adapter_folder(cfg.train.init_adapter)
+    config, _ = read_adapter(folder)
+    return replace(cfg, lora=replace(config, init="default"), train=replace(cfg.train, init_adapter=str(folder)))
 
 
 @dataclass
@@ -221,6 +233,11 @@ def _lora_adapter(cfg: RunConfig, base: BaseSetup, schedule: RankSchedule | None
         cfg.lora, r=schedule.first, alpha=stage_alpha(cfg.lora.alpha, schedule.first, schedule.final, cfg.lora.use_rslora))
     if cfg.lora.init == "eora" and not base.eora:  # resumed: the adapter comes from the checkpoint
         lora_cfg = replace(lora_cfg, init="default")
+    if cfg.train.init_adapter is not None:  # a frozen copy, then the one that trains (a resumed run's is replaced)
+        lm = LoraModel(base.model)
+        lm.load_adapter(cfg.train.init_adapter, INIT_ADAPTER, activate=False)
+        lm.load_adapter(cfg.train.init_adapter, "default", is_trainable=True)
+        return lm
     lm = get_lora_model(base.model, lora_cfg)
     if base.eora:
         drop_start_factors(base.model)  # the corrections are in the adapter now

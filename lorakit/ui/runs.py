@@ -16,7 +16,8 @@ from typing import Any
 
 from ..errors import LorakitError
 
-__all__ = ["RunStatus", "RunManager", "read_metrics", "read_config", "config_differences"]
+__all__ = ["RunStatus", "RunManager", "read_metrics", "read_config", "config_table", "config_differences",
+           "before_after", "BEFORE_LABELS"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 LOGS = ".ui-logs"  # ROOT/.ui-logs/NAME.log: the output of the runs the UI started (train wants an empty run folder)
@@ -48,16 +49,32 @@ def read_config(run: Path) -> dict[str, Any]:
         return {}
 
 
-def config_differences(configs: dict[str, dict]) -> list[tuple[str, list[Any]]]:
-    """(section.key, [value per run]) for every key whose value is not the same in all runs."""
+def config_table(configs: dict[str, dict]) -> list[tuple[str, list[Any], bool]]:
+    """(section.key, [value per run], whether the runs differ on it) for every key of any run."""
     keys = sorted({f"{s}.{k}" for c in configs.values() for s, sec in c.items() if isinstance(sec, dict) for k in sec})
     rows = []
     for key in keys:
         section, name = key.split(".", 1)
         values = [(c.get(section) or {}).get(name) for c in configs.values()]
-        if any(v != values[0] for v in values[1:]):
-            rows.append((key, values))
+        rows.append((key, values, any(v != values[0] for v in values[1:])))
     return rows
+
+
+def config_differences(configs: dict[str, dict]) -> list[tuple[str, list[Any]]]:
+    """(section.key, [value per run]) for every key whose value is not the same in all runs."""
+    return [(key, values) for key, values, differs in config_table(configs) if differs]
+
+
+# What metrics.jsonl calls the model before training (start: train.init_adapter as it started)
+BEFORE_LABELS = ("base", "start")
+
+
+def before_after(metrics: list[dict]) -> tuple[dict, dict] | None:
+    """(scores before training, scores of the finished run) from a run's metrics.jsonl records, or
+    None while the run has no final evaluation (the same numbers as the CLI's before/after table)."""
+    before = next((m for m in metrics if m.get("model") in BEFORE_LABELS), None)
+    after = next((m for m in reversed(metrics) if m.get("final")), None)
+    return None if before is None or after is None else (before, after)
 
 
 @dataclass
@@ -139,7 +156,7 @@ class RunManager:
         metrics = read_metrics(folder)
         max_steps = (read_config(folder).get("train") or {}).get("max_steps")
         steps = [m for m in metrics if "loss" in m]
-        evals = [m for m in metrics if "eval_loss" in m and m.get("model") != "base"]
+        evals = [m for m in metrics if "eval_loss" in m and m.get("model") not in BEFORE_LABELS]
         step = steps[-1]["step"] if steps else 0
         proc = self.procs.get(name)
         if proc is not None and proc.poll() is None:
