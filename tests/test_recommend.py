@@ -92,13 +92,15 @@ def test_sampled_lengths_match_the_full_measure(tiny_model_dir, tmp_path):
     path = _write(tmp_path / "varied.jsonl", rows)
     tok = load_tokenizer(str(tiny_model_dir))
     full = profile_data(DataConfig(path=str(path)), tok, sample=0)
-    part = profile_data(DataConfig(path=str(path)), tok, sample=600)
-    assert full.measured == 0 and part.measured == 600 and part.examples == full.examples == 3_000
+    part = profile_data(DataConfig(path=str(path)), tok, sample=1500)
+    assert full.measured == 0 and part.measured == 1500 and part.examples == full.examples == 3_000
     assert full.length_p95 - full.length_p50 > 50  # a spread worth sampling
-    assert abs(part.length_p50 - full.length_p50) <= 0.05 * full.length_p50
-    assert abs(part.length_p95 - full.length_p95) <= 0.05 * full.length_p95
+    # over 200 seeds a 1,500-example sample's p50 and p95 fall within 3.5% and 4.5% (one s.d.) of these
+    # data's: 10% is about 3 s.d. for p50 (the sampler's uniformity is tested in test_streaming.py)
+    assert abs(part.length_p50 - full.length_p50) <= 0.10 * full.length_p50
+    assert abs(part.length_p95 - full.length_p95) <= 0.10 * full.length_p95
     assert abs(part.label_fraction - full.label_fraction) < 0.02
-    assert profile_data(DataConfig(path=str(path)), tok, sample=600) == part  # seeded: the same sample each time
+    assert profile_data(DataConfig(path=str(path)), tok, sample=1500) == part  # seeded: the same sample each time
 
 
 def _profile(n=2_000, p95=900):

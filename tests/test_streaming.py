@@ -107,3 +107,43 @@ def test_streaming_needs_max_steps_and_data_files(tmp_path):
         run_config_from_dict({"data": {"streaming": True}})
     with pytest.raises(LorakitError, match="data.streaming reads data files or hub datasets: give --data"):
         prepare_data(DataConfig(streaming=True), build_tokenizer(), seed=0)
+
+
+def test_sample_items_keeps_the_head_and_a_uniform_seeded_sample_in_one_pass():
+    from lorakit.data.sample import sample_items
+
+    n, kept = sample_items(iter(range(50)), 0)
+    assert n == 50 and [i for i, _ in kept] == list(range(50))  # 0: all of them
+    n, kept = sample_items((x * 10 for x in range(7)), 20, head=3)
+    assert n == 7 and [x for _, x in kept] == [0, 10, 20, 30, 40, 50, 60]  # fewer than k: all
+    hits = [0] * 200
+    for seed in range(400):
+        n, kept = sample_items(iter(range(200)), 25, seed=seed, head=5)
+        idx = [i for i, _ in kept]
+        assert n == 200 and len(idx) == 25 and idx[:5] == [0, 1, 2, 3, 4] and idx == sorted(set(idx))
+        for i in idx[5:]:
+            hits[i] += 1
+    assert sample_items(iter(range(200)), 25, seed=7)[1] == sample_items(iter(range(200)), 25, seed=7)[1]
+    # each later item is drawn with probability 20/195: 41 of 400 draws on average, none far off
+    later = hits[5:]
+    assert sum(later) == 400 * 20 and min(later) > 20 and max(later) < 65
+
+
+def test_inspect_and_recommend_sample_a_large_file_in_one_pass(tiny_model_dir, tmp_path, capsys):
+    from lorakit.cli.main import main
+    from lorakit.data.inspect import inspect_data
+    from lorakit.planning.recommend import profile_data
+
+    tok = build_tokenizer()
+    path = _rows(tmp_path / "big.jsonl", 3000)
+    report = inspect_data(str(path), tok, "chatml", sample=120, head=4)
+    assert report.records == 3000 and report.sampled and len(report.encoded) == len(report.wheres) == 120
+    assert report.wheres[:4] == [f"{path}:{i}" for i in (1, 2, 3, 4)]  # the first examples are rendered
+    lines = sorted(int(w.rsplit(":", 1)[1]) for w in report.wheres)
+    assert lines == [int(w.rsplit(":", 1)[1]) for w in report.wheres] and lines[-1] > 1500  # in order, from all over
+    assert not inspect_data(str(path), tok, "chatml", sample=0).sampled
+    profile = profile_data(DataConfig(path=str(path)), tok, sample=100)
+    assert profile.examples == 3000 and profile.measured == 100
+    assert main(["data", "inspect", str(path), "--model", str(tiny_model_dir), "--sample", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "records: 3,000 (token lengths from a uniform sample of 50" in out and "of 50 sampled" in out

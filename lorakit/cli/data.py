@@ -47,10 +47,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
     tok = load_tokenizer(args.model)
     template = resolve_template(args.template, tok)
-    report = inspect_data(args.file, tok, template, args.format)
+    if args.sample < 0:
+        raise LorakitError(f"--sample must be ≥ 0 (0 reads and encodes every example), got {args.sample}")
+    report = inspect_data(args.file, tok, template, args.format, args.sample, head=max(8, args.examples))
     lengths = report.lengths
-    print(f"file: {args.file}\nformat: {report.format} (fields: {', '.join(report.fields)})\nrecords: {len(lengths)}\n"
-          f"template: {template}   tokenizer: {args.model}")
+    sampled = f" (token lengths from a uniform sample of {len(lengths):,}: --sample 0 for all)" if report.sampled else ""
+    print(f"file: {args.file}\nformat: {report.format} (fields: {', '.join(report.fields)})\n"
+          f"records: {report.records:,}{sampled}\ntemplate: {template}   tokenizer: {args.model}")
     mark = (lambda s: f"\x1b[1;32m{s}\x1b[0m") if os.isatty(1) else (lambda s: f"[[{s}]]")
     for i in range(min(args.examples, len(lengths))):
         enc = report.encoded[i]
@@ -58,7 +61,8 @@ def _inspect(args: argparse.Namespace) -> int:
         print("".join(mark(text) if trained else text for text, trained in report.segments(i, tok)))
     print("\ntokens per example: " + "  ".join(f"p{q}={percentile(lengths, q)}" for q in (50, 90, 95, 99)) + f"  max={max(lengths)}")
     over = report.over(args.max_len)
-    print(f"longer than max_len={args.max_len}: {over} of {len(lengths)} ({100 * over / len(lengths):.1f}%)")
+    print(f"longer than max_len={args.max_len}: {over} of {len(lengths)}{' sampled' if report.sampled else ''} "
+          f"({100 * over / len(lengths):.1f}%)")
     if args.histogram:
         import matplotlib
 
@@ -173,6 +177,9 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     i.add_argument("--max-len", type=int, default=1024)
     i.add_argument("--examples", type=int, default=2, help="examples to render")
     i.add_argument("--histogram", default=None, metavar="PNG", help="write a token-length histogram")
+    i.add_argument("--sample", type=int, default=20_000,
+                   help="examples encoded for the lengths: the first ones, then a uniform sample (0: all; the file "
+                        "is read once, holding no more than this many)")
     v = sub.add_parser("convert", help="rewrite chat data as alpaca, sharegpt or messages JSONL")
     v.add_argument("input")
     v.add_argument("--to", required=True, choices=["alpaca", "sharegpt", "messages"])

@@ -22,7 +22,7 @@ from ..atomic import atomic_file
 from ..config import DataConfig
 from ..errors import LorakitError
 from . import demo
-from .formats import data_files, load_examples, read_records, to_examples
+from .formats import data_files, iter_examples, load_examples
 from .hub import HubSource, hub_fingerprint
 from .templates import Encoded, encode_example, resolve_template
 
@@ -237,7 +237,7 @@ STREAM_VAL_RECORDS = 200
 
 def _stream_examples(cfg: DataConfig, sources: list) -> Iterator[tuple[str, dict]]:
     """Every record of ``sources`` normalised, read lazily (.jsonl/.csv a line at a time, hub datasets streamed)."""
-    return to_examples((r for src in sources for r in read_records(src, streaming=True)), cfg.format, cfg.columns)
+    return iter_examples(sources, cfg.format, cfg.columns)
 
 
 def _streamed(cfg: DataConfig, tokenizer: Any, template: str, pairs: bool) -> Prepared:

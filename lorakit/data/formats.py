@@ -25,7 +25,8 @@ from typing import Any, Iterable, Iterator
 from ..errors import LorakitError
 from .hub import HubSource, hub_records, hub_source
 
-__all__ = ["FORMATS", "read_records", "detect_format", "to_examples", "load_examples", "data_files"]
+__all__ = ["FORMATS", "read_records", "detect_format", "to_examples", "iter_examples", "load_examples",
+           "data_files"]
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text", "preference")
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
@@ -332,12 +333,18 @@ def to_examples(records: Iterable[tuple[str, dict]], fmt: str = "auto", columns:
         yield where, example
 
 
+def iter_examples(files: Iterable[Path | HubSource], fmt: str = "auto", columns: dict[str, str] | None = None,
+                  streaming: bool = True) -> Iterator[tuple[str, dict]]:
+    """The examples of ``files`` (from ``data_files``) read lazily, .jsonl/.csv a line at a time and
+    (``streaming``) hub datasets streamed; the format is detected per file."""
+    for f in files:
+        yield from to_examples(read_records(f, streaming=streaming), fmt, columns)
+
+
 def load_examples(paths: Iterable[str | Path], fmt: str = "auto", columns: dict[str, str] | None = None) -> list[tuple[str, dict]]:
     """All examples of all files, with where each came from. An empty result is an error."""
     files = data_files(paths)
-    out: list[tuple[str, dict]] = []
-    for f in files:
-        out.extend(to_examples(read_records(f), fmt, columns))
+    out = list(iter_examples(files, fmt, columns, streaming=False))
     if not out:
         raise LorakitError(f"no records in {', '.join(map(str, files))}")
     return out

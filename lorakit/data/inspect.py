@@ -1,6 +1,7 @@
 """What ``lorakit data inspect`` (and the web UI's data tab) shows of a data file: its detected
 format, each example rendered through the chat template and split into runs of text that are or
-are not trained on, and the token lengths that ``max_len`` would cut."""
+are not trained on, and the token lengths that ``max_len`` would cut — from one pass that holds a
+sample of the data at most (``lorakit.data.sample``), so a file larger than memory can be inspected."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import LorakitError
-from .formats import data_files, detect_format, load_examples, read_records
+from .formats import data_files, detect_format, iter_examples, read_records
+from .sample import sample_items
 from .templates import Encoded, encode_example
 
 __all__ = ["Inspection", "inspect_data", "percentile"]
@@ -24,8 +26,14 @@ class Inspection:
     path: str
     format: str
     fields: list[str]
-    wheres: list[str]  # file:line of each example
-    encoded: list[Encoded]
+    wheres: list[str]  # file:line of each example encoded
+    encoded: list[Encoded]  # the first examples, then a uniform sample of the others (all, up to the sample size)
+    records: int = 0  # examples in the data, all of them
+
+    @property
+    def sampled(self) -> bool:
+        """The lengths come from a sample (the data has more examples than were encoded)."""
+        return self.records > len(self.encoded)
 
     @property
     def lengths(self) -> list[int]:
@@ -50,13 +58,15 @@ class Inspection:
         return out
 
 
-def inspect_data(path: str, tokenizer: Any, template: str, fmt: str = "auto") -> Inspection:
-    """Read ``path`` (a file or folder) the way ``train`` does and encode every example."""
+def inspect_data(path: str, tokenizer: Any, template: str, fmt: str = "auto", sample: int = 20_000,
+                 head: int = 8) -> Inspection:
+    """Read ``path`` (a file or folder) the way ``train`` does, in one pass, and encode the first
+    ``head`` examples and a seeded uniform sample of the rest, ``sample`` in all (0: every example)."""
     files = data_files([path])
-    first_where, first = next(iter(read_records(files[0])), (None, None))
+    first_where, first = next(iter(read_records(files[0], streaming=True)), (None, None))
     if first is None:
         raise LorakitError(f"{path}: no records")
     fmt = fmt if fmt != "auto" else detect_format(first, first_where)
-    examples = load_examples(files, fmt)
-    encoded = [encode_example(ex, template, tokenizer, where=w) for w, ex in examples]
-    return Inspection(path, fmt, sorted(first), [w for w, _ in examples], encoded)
+    n, chosen = sample_items(iter_examples(files, fmt), sample, head=head)
+    encoded = [encode_example(ex, template, tokenizer, where=w) for _, (w, ex) in chosen]
+    return Inspection(path, fmt, sorted(first), [w for _, (w, _) in chosen], encoded, n)

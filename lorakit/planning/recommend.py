@@ -48,33 +48,40 @@ def _percentile(values: list[int], q: float) -> int:
 
 
 def profile_data(data: DataConfig, tokenizer: Any, sample: int = 20_000, seed: int = 0) -> DataProfile:
-    """Measure ``data``: every example is counted and its turns read; the token lengths come from
-    every example up to ``sample`` of them, else from a seeded random sample of ``sample``
-    (a sample that size puts the percentiles within a few percent of the full set's; 0 = tokenize
-    all). Examples outside the sample are not encoded, so a malformed one there is left to train."""
-    import random
-
-    from ..data.formats import data_files, load_examples
+    """Measure ``data`` in one pass that holds at most ``sample`` examples (data larger than memory
+    is fine): every example is counted and its turns read; the token lengths come from every example
+    up to ``sample`` of them, else from a seeded uniform sample of ``sample`` (a sample that size puts
+    the percentiles within a few percent of the full set's; 0 = tokenize all). Examples outside the
+    sample are not encoded, so a malformed one there is left to train."""
+    from ..data.formats import data_files, iter_examples
+    from ..data.sample import sample_items
     from ..data.templates import encode_example, resolve_template
 
     if data.path is None:
         raise LorakitError("recommend needs --data FILE (a .json/.jsonl/.csv/.parquet file or a folder of them)")
     if sample < 0:
         raise LorakitError(f"--sample must be ≥ 0 (0 tokenizes every example), got {sample}")
-    examples = load_examples(data_files(data.path), data.format, data.columns)
-    turns = [sum(1 for m in ex.get("messages", []) if m.get("role") == "assistant") for _, ex in examples]
-    chosen = examples
-    if sample and len(examples) > sample:
-        chosen = [examples[i] for i in sorted(random.Random(seed).sample(range(len(examples)), sample))]
+    files = data_files(data.path)
+    multi_turn = 0
+
+    def counted():
+        nonlocal multi_turn
+        for where, ex in iter_examples(files, data.format, data.columns):
+            multi_turn += sum(1 for m in ex.get("messages", []) if m.get("role") == "assistant") > 1
+            yield where, ex
+
+    n, chosen = sample_items(counted(), sample, seed)
+    if not n:
+        raise LorakitError(f"no records in {', '.join(map(str, files))}")
     template = resolve_template(data.template, tokenizer)
     lengths, answers = [], []
-    for where, ex in chosen:
+    for _, (where, ex) in chosen:
         enc = encode_example(ex, template, tokenizer, data.train_on_prompt, where)
         lengths.append(len(enc.input_ids))
         answers.append(enc.n_labels)
-    return DataProfile(len(examples), sum(t > 1 for t in turns) / len(turns), _percentile(lengths, 0.5),
+    return DataProfile(n, multi_turn / n, _percentile(lengths, 0.5),
                        _percentile(lengths, 0.95), max(lengths), _percentile(answers, 0.5),
-                       sum(answers) / max(1, sum(lengths)), len(chosen) if len(chosen) < len(examples) else 0)
+                       sum(answers) / max(1, sum(lengths)), len(chosen) if len(chosen) < n else 0)
 
 
 def default_memory() -> tuple[float, str]:
