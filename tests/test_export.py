@@ -141,3 +141,25 @@ def test_cli_ollama_folder_and_check(tiny_model_dir, tmp_path):
     assert bad.returncode == 1 and "general.type is 'model'" in bad.stdout, bad.stdout
     missing = subprocess.run([*run, str(tmp_path / "nope"), "--to", "vllm"], capture_output=True, text=True)
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_transformers_export_is_the_merged_model_in_a_folder_transformers_loads(tiny_model_dir, tmp_path):
+    lm = _adapter(tiny_model_dir, tmp_path / "ad").eval()
+    result = export(tmp_path / "ad", "transformers", tmp_path / "merged", model=str(tiny_model_dir))
+    assert result.path == tmp_path / "merged" and "lorakit chat --model" in result.lines[0]
+    merged = AutoModelForCausalLM.from_pretrained(result.path).eval()
+    assert merged.dtype == torch.float32 and (result.path / "tokenizer.json").is_file()
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = lm(input_ids=ids).logits, merged(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()(ids).logits
+    assert (want - base).abs().max() > 1e-2  # the adapter does something, and the merge keeps it
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    with pytest.raises(LorakitError, match="exists and is not empty"):
+        export(tmp_path / "ad", "transformers", tmp_path / "merged", model=str(tiny_model_dir))
+    with pytest.raises(LorakitError, match="--outtype for --to transformers must be one of f32, f16, bf16"):
+        export(tmp_path / "ad", "transformers", tmp_path / "m2", model=str(tiny_model_dir), dtype="q8_0")
+    half = export(tmp_path / "ad", "transformers", tmp_path / "m3", model=str(tiny_model_dir), dtype="bf16")
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(half.path / "model.safetensors").values()} == {torch.bfloat16}

@@ -12,7 +12,9 @@ from .adapter import ExportAdapter, adapter_folder, read_export_adapter
 
 __all__ = ["TARGETS", "ExportResult", "export", "check"]
 
-TARGETS = ("gguf-lora", "gguf", "ollama", "vllm")
+TARGETS = ("gguf-lora", "gguf", "ollama", "vllm", "transformers")
+# transformers: --outtype names (llama.cpp's words, as for GGUF) -> the torch dtype the weights are saved in
+_TORCH_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
 
 @dataclass
@@ -61,6 +63,22 @@ def _merged(adapter: ExportAdapter | None, name: str):
 
         dequantize_model(lm.model)
     return lm.merge_and_unload(), tok
+
+
+def _write_transformers(adapter, name: str, out: Path, dtype: str | None) -> ExportResult:
+    """The base with the adapter merged, as a transformers folder (float32 unless ``dtype``)."""
+    import torch
+
+    from ..core.merge import check_new_folder, save_merged
+
+    if dtype is not None and dtype not in _TORCH_DTYPES:
+        raise LorakitError(f"--outtype for --to transformers must be one of {', '.join(_TORCH_DTYPES)}, got {dtype!r}")
+    check_new_folder(out)  # before the model is loaded
+    model, tok = _merged(adapter, name)
+    model.to(getattr(torch, _TORCH_DTYPES[dtype or "f32"]))
+    path = save_merged(model, out, tok)
+    return ExportResult(path, [f"lorakit chat --model {path}",
+                               f"AutoModelForCausalLM.from_pretrained({str(path)!r})   (transformers, vLLM, TGI...)"])
 
 
 def _default_out(source: Path, to: str) -> Path:
@@ -133,6 +151,8 @@ def export(source: str | os.PathLike | None, to: str, out: str | os.PathLike | N
         return _write_gguf(adapter, name, out, dtype)
     if to == "ollama":
         return _write_ollama(adapter, name, out, dtype, merge)
+    if to == "transformers":
+        return _write_transformers(adapter, name, out, dtype)
     from .vllm import serve_line, write_vllm
 
     path, r = write_vllm(adapter, out, rank=rank)
