@@ -109,6 +109,11 @@ def test_data_to_run_to_stop_resume_and_side_by_side_chat(ui, page):
     _until(page, "lk-said", lambda s: "started" in s)
     first = _until(page, "lk-status", lambda s: "running" in s and "step" in s and _points(page) >= 2, 120)
     n1 = _points(page)
+    # the page answers while the run trains: a form change comes back with its new CLI line
+    t_edit = time.monotonic()
+    _fill(page, "lk-f-lora-alpha", "24")
+    _until(page, "lk-command", lambda s: "--lora.alpha 24" in s)
+    edit_s = time.monotonic() - t_edit
     _until(page, "lk-status", lambda s: _points(page) > n1, 60)  # the plot gains points while it trains
     _shot(page, "2-training", ui["root"])
     page.click("#lk-stop")
@@ -119,6 +124,8 @@ def test_data_to_run_to_stop_resume_and_side_by_side_chat(ui, page):
     _until(page, "lk-status", lambda s: "finished" in s, 180)
     metrics = [json.loads(x) for x in (ui["root"] / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
     assert max(m["step"] for m in metrics if "loss" in m) == 400
+    result = _until(page, "lk-result", lambda s: "eval loss" in s, 30)  # the before/after table
+    assert "base" in result and "adapter (step 400)" in result, result
     _shot(page, "3-finished", ui["root"])
     # the run folder is a CLI run's: adapter, config, metrics, plot
     run = ui["root"] / "runs" / "tiny"
@@ -142,8 +149,33 @@ def test_data_to_run_to_stop_resume_and_side_by_side_chat(ui, page):
     tuned = page.locator("#lk-answers td[data-column='tiny']").inner_text()
     assert tuned and tuned != base, (base, tuned)
     _shot(page, "4-chat", ui["root"])
+    # export the run as a merged transformers folder (the merge button)
+    page.locator("#lk-export-to input").fill("transformers")
+    page.keyboard.press("Enter")
+    page.click("#lk-export")
+    _until(page, "lk-exported", lambda s: "wrote" in s, 60)
+    assert (run / "export" / "transformers" / "config.json").is_file()
+    # Runs: a second run, started from the CLI side (train in this process), compared with the first
+    from lorakit.config import run_config_from_dict
+    from lorakit.training.loop import train
+
+    train(run_config_from_dict({
+        "model": {"name": ui["ctx"].model}, "data": {"path": str(ui["root"] / "data" / "train.jsonl"), "max_len": 64},
+        "lora": {"r": 8}, "train": {"out_dir": str(ui["root"] / "runs" / "cli-run"), "max_steps": 30, "lr": 3e-3,
+                                    "batch_size": 2, "threads": 1, "plot": False}}), show_progress=False, echo=lambda s: None)
+    page.get_by_role("tab", name="Runs").click()
+    page.click("#lk-runs-refresh")
+    for name in ("tiny", "cli-run"):
+        page.locator("#lk-runs").get_by_label(name).check()
+    configs = _until(page, "lk-runs-configs", lambda s: "differ" in s, 30)
+    highlighted = page.locator("#lk-runs-configs tr.lk-differs td:first-child").all_inner_texts()
+    assert {"lora.r", "train.max_steps"} <= set(highlighted), (highlighted, configs[:300])
+    _until(page, "lk-runs-scores", lambda s: "cli-run" in s and "tiny" in s, 30)
+    page.wait_for_selector("#lk-runs-plot img", timeout=30_000)  # the curves (their series: test_ui_logic.py)
+    _shot(page, "6-runs", ui["root"])
+    page.get_by_role("tab", name="Chat").click()
     page.set_viewport_size({"width": 390, "height": 844})
     _shot(page, "5-phone-chat", ui["root"])
-    print(f"page loaded in {load_s:.2f} s")
+    print(f"page loaded in {load_s:.2f} s; a form edit answered in {edit_s:.2f} s while the run trained")
     assert load_s < 3.0
 

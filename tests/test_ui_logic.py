@@ -1,6 +1,8 @@
 """The web UI's logic without a browser: the form is train's config, paths stay inside the given
 folders, runs are listed and compared, and chat stops generating when its reader goes away."""
 
+import json
+import re
 import time
 
 import pytest
@@ -8,7 +10,7 @@ import torch
 
 from lorakit.errors import LorakitError
 from lorakit.ui.plan import form_fields, plan_run
-from lorakit.ui.runs import RunManager, config_differences
+from lorakit.ui.runs import RunManager, config_differences, read_metrics
 
 from conftest import adding_data
 
@@ -66,6 +68,29 @@ def test_runs_are_listed_and_their_configs_compared(tmp_path):
     from lorakit.ui.runs import read_config
 
     assert config_differences({n: read_config(tmp_path / n) for n in ("a", "b")}) == [("lora.r", [8, 16])]
+    # a finished run's before/after table, as the CLI prints it; none for a run without its final evaluation
+    from lorakit.ui.handlers import UiContext, compare, result_table
+
+    (tmp_path / "b" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": 0, "model": "base", "eval_loss": 2.5, "exact_match": 0.0}, {"step": 5, "loss": 1.2},
+        {"step": 5, "model": "adapter", "eval_loss": 1.1}, {"step": 10, "loss": 0.4},
+        {"step": 10, "model": "adapter", "final": True, "eval_loss": 0.5, "exact_match": 87.5}]) + "\n")
+    table = result_table(read_metrics(tmp_path / "b"))
+    assert table.values.tolist() == [["eval loss", "2.5000", "0.5000"], ["exact match", "0.0%", "87.5%"]]
+    assert list(table.columns) == ["held-out", "base", "adapter (step 10)"] and len(result_table(read_metrics(tmp_path / "a"))) == 0
+    ctx = UiContext(str(tmp_path), str(tmp_path / "data"), "unused")
+    curves, scores, html = compare(ctx, ["a", "b"])
+    assert sorted(set(curves["run"])) == ["a · train", "b · eval", "b · train"] and len(curves) == 1 + 5
+    assert scores.values.tolist()[0] == ["b", "eval loss", "2.5000", "0.5000"]
+    differing = re.findall(r"<tr class='lk-differs'><td>([^<]+)</td><td>([^<]+)</td><td>([^<]+)</td>", html)
+    assert differing == [("lora.r", "8", "16")] and html.count("<tr class='lk-same'>") == 2  # alpha, max_steps
+    assert "lk-same" not in compare(ctx, ["a", "b"], only_differences=True)[2]
+    from lorakit.ui.handlers import loss_figure
+
+    ax = loss_figure(curves).axes[0]
+    assert sorted(line.get_label() for line in ax.lines) == ["a · train", "b · eval", "b · train"]
+    b_eval = next(line for line in ax.lines if line.get_label() == "b · eval")
+    assert b_eval.get_linestyle() == "--" and list(b_eval.get_xdata()) == [0, 5, 10]
     with pytest.raises(LorakitError, match="already holds a run"):
         runs.start("a", [])
     with pytest.raises(LorakitError, match="not training"):

@@ -10,12 +10,15 @@ from pathlib import Path
 from ..errors import LorakitError
 from .chat import MIX, ChatHub
 from .plan import estimate_text, form_fields, plan_run, recommended_values
-from .runs import RunManager, config_differences, read_config, read_metrics
+from .runs import RunManager, before_after, config_table, read_config, read_metrics
 
 __all__ = ["UiContext", "CSS", "inspect_", "upload", "clean", "plan_", "start", "watch", "act", "compare", "ask",
-           "export_", "answers_html", "recommended_values", "form_fields", "MIX"]
+           "export_", "answers_html", "configs_html", "result_table", "loss_figure", "recommended_values", "form_fields", "MIX"]
 
-CSS = ".lk-trained{background:#c8f7c5} .lk-answers td{vertical-align:top;white-space:pre-wrap}"
+CSS = (".lk-trained{background:#c8f7c5} .lk-answers td{vertical-align:top;white-space:pre-wrap} "
+       ".lk-configs{border-collapse:collapse;font-size:0.9em} .lk-configs td,.lk-configs th{padding:2px 8px;"
+       "border-bottom:1px solid #ddd;text-align:left;overflow-wrap:anywhere} .lk-configs tr.lk-differs td{background:#fff0b3;"
+       "font-weight:600}")
 
 
 class UiContext:
@@ -66,7 +69,8 @@ def inspect_(ctx: UiContext, path: str, model: str, max_len: float):
         return _error(err), [], pd.DataFrame({"tokens": [], "examples": []})
     lengths, limit = report.lengths, int(max_len)
     over = report.over(limit)
-    summary = (f"**format:** {report.format} (fields: {', '.join(report.fields)}) · **records:** {len(lengths)} · "
+    summary = (f"**format:** {report.format} (fields: {', '.join(report.fields)}) · **records:** {report.records:,}"
+               + (f" (lengths from a sample of {len(lengths):,})" if report.sampled else "") + " · "
                f"**tokens per example:** p50 {percentile(lengths, 50)}, p95 {percentile(lengths, 95)}, max {max(lengths)} · "
                f"**longer than max_len={limit}:** {over} ({100 * over / len(lengths):.1f}%, truncated)")
     spans: list[tuple[str, str | None]] = []
@@ -136,15 +140,36 @@ def start(ctx: UiContext, name: str, keys: list[str], values: tuple) -> str:
     return f"started `{name}`: `{plan.command}`"
 
 
+def result_table(metrics: list[dict]):
+    """The finished run's before/after table (the CLI's, from metrics.jsonl); empty before it ends."""
+    import pandas as pd
+
+    from ..training.model_card import SCORE_ROWS
+
+    scores = before_after(metrics)
+    if scores is None:
+        return pd.DataFrame({"held-out": []})
+    before, after = scores
+    show = lambda d, k, f: f.format(d[k]) if isinstance(d.get(k), (int, float)) else "–"  # noqa: E731
+    rows = [(label, show(before, k, f), show(after, k, f)) for label, k, f in SCORE_ROWS if k in before or k in after]
+    return pd.DataFrame(rows, columns=["held-out", before["model"], f"{after['model']} (step {after['step']})"])
+
+
+def _empty_plot():
+    import pandas as pd
+
+    return pd.DataFrame({"step": [], "value": [], "series": []})
+
+
 def watch(ctx: UiContext, name: str):
     import pandas as pd
 
     if not name:
-        return "no run selected", pd.DataFrame({"step": [], "value": [], "series": []}), ""
+        return "no run selected", _empty_plot(), "", result_table([])
     try:
         st = ctx.runs.status(name)
     except LorakitError as err:
-        return _error(err), pd.DataFrame({"step": [], "value": [], "series": []}), ""
+        return _error(err), _empty_plot(), "", result_table([])
     metrics = read_metrics(ctx.runs.path(name))
     rows = [(m["step"], m["loss"], "train loss") for m in metrics if "loss" in m]
     rows += [(m["step"], m["eval_loss"], "eval loss") for m in metrics if "eval_loss" in m]
@@ -154,7 +179,7 @@ def watch(ctx: UiContext, name: str):
     text = (f"**{name}**: {st.state} · step {st.step}{total}{loss}{ev} · "
             f"<span id='lk-points'>{sum(1 for r in rows if r[2] == 'train loss')}</span> loss points")
     plot = pd.DataFrame(rows, columns=["step", "value", "series"])
-    return text, plot, ctx.runs.log_tail(name)
+    return text, plot, ctx.runs.log_tail(name), result_table(metrics)
 
 
 def act(ctx: UiContext, name: str, action: str) -> str:
@@ -167,17 +192,59 @@ def act(ctx: UiContext, name: str, action: str) -> str:
 
 # ---- Runs ------------------------------------------------------------------------------------
 
-def compare(ctx: UiContext, names: list[str]):
+def configs_html(configs: dict[str, dict], only_differences: bool = False) -> str:
+    """The runs' configs side by side, one column per run; the options they differ on highlighted."""
+    import html
+
+    if not configs:
+        return "<p>choose runs to compare</p>"
+    rows = [r for r in config_table(configs) if r[2] or not only_differences]
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in configs)
+    body = "".join(f"<tr class='{'lk-differs' if differs else 'lk-same'}'><td>{html.escape(key)}</td>"
+                   + "".join(f"<td>{html.escape(str(v))}</td>" for v in values) + "</tr>"
+                   for key, values, differs in rows)
+    n = sum(1 for r in rows if r[2])
+    note = (f"<p>{n} option(s) differ (highlighted)</p>" if len(configs) > 1 else "<p>one run: choose another to compare</p>")
+    return f"{note}<table class='lk-configs'><tr><th>option</th>{head}</tr>{body}</table>"
+
+
+def loss_figure(curves):
+    """The compared runs' curves as one matplotlib figure: a colour per run, train loss solid and eval
+    loss dashed with points (drawn whole each time: the set of runs changes with every choice)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.6), dpi=100)
+    ax = fig.add_subplot()
+    colors: dict[str, str] = {}
+    for series, part in curves.groupby("run", sort=False):
+        run, kind = series.rsplit(" · ", 1)
+        color = colors.setdefault(run, f"C{len(colors) % 10}")
+        style = dict(linestyle="--", marker="o") if kind == "eval" else {}
+        ax.plot(part["step"], part["loss"], color=color, label=series, **style)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    if colors:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def compare(ctx: UiContext, names: list[str], only_differences: bool = False):
+    """Loss and eval curves of the chosen runs overlaid, their final scores, and their configs side by side."""
     import pandas as pd
 
-    rows, configs = [], {}
+    rows, configs, scores = [], {}, []
     for n in names or []:
-        rows += [(m["step"], m["loss"], n) for m in read_metrics(ctx.runs.path(n)) if "loss" in m]
+        metrics = read_metrics(ctx.runs.path(n))
+        rows += [(m["step"], m["loss"], f"{n} · train") for m in metrics if "loss" in m]
+        rows += [(m["step"], m["eval_loss"], f"{n} · eval") for m in metrics if "eval_loss" in m]  # from step 0
         configs[n] = read_config(ctx.runs.path(n))
-    diffs = config_differences(configs) if len(configs) > 1 else []
-    table = pd.DataFrame([[k, *map(str, v)] for k, v in diffs], columns=["option", *configs]) if diffs else \
-        pd.DataFrame({"option": ["(no differences)" if len(configs) > 1 else "(choose two runs or more)"]})
-    return pd.DataFrame(rows, columns=["step", "loss", "run"]), table
+        table = result_table(metrics)
+        if len(table):
+            scores += [(n, *row) for row in table.itertuples(index=False, name=None)]
+    result = pd.DataFrame(scores, columns=["run", "held-out", "before", "after"]) if scores else \
+        pd.DataFrame({"run": [], "held-out": []})
+    return pd.DataFrame(rows, columns=["step", "loss", "run"]), result, configs_html(configs, only_differences)
 
 
 # ---- Chat ------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from ..export import TARGETS
 from . import handlers as h
 from .handlers import UiContext
 
@@ -62,6 +63,7 @@ def train_tab(gr, ctx: UiContext) -> None:
         said = gr.Markdown(elem_id="lk-said")
         status = gr.Markdown(elem_id="lk-status")
         plot = gr.LinePlot(x="step", y="value", color="series", label="loss", elem_id="lk-loss-plot")
+        result = gr.Dataframe(label="held-out scores before and after (when the run has finished)", elem_id="lk-result")
         log = gr.Textbox(label="output", lines=6, max_lines=12, elem_id="lk-log")
         planned = partial(h.plan_, ctx)
         for widget in [name, *inputs]:
@@ -71,7 +73,7 @@ def train_tab(gr, ctx: UiContext) -> None:
         start.click(lambda n, *v: h.start(ctx, n, keys, v), [name, *inputs], said)
         stop.click(lambda n: h.act(ctx, n, "stop"), name, said)
         resume.click(lambda n: h.act(ctx, n, "resume"), name, said)
-        gr.Timer(1.0).tick(partial(h.watch, ctx), name, [status, plot, log])
+        gr.Timer(1.0).tick(partial(h.watch, ctx), name, [status, plot, log, result])
 
 
 def _recommend(ctx: UiContext, keys: list[str], model: str, data: str):
@@ -85,12 +87,21 @@ def _recommend(ctx: UiContext, keys: list[str], model: str, data: str):
 
 def runs_tab(gr, ctx: UiContext) -> None:
     with gr.Tab("Runs", id="runs"):
-        refresh = gr.Button("Refresh", elem_id="lk-runs-refresh")
+        with gr.Row():
+            refresh = gr.Button("Refresh", elem_id="lk-runs-refresh")
+            only = gr.Checkbox(label="only the options that differ", elem_id="lk-runs-only")
         chosen = gr.CheckboxGroup(label="runs", choices=ctx.runs.names(), elem_id="lk-runs")
-        curves = gr.LinePlot(x="step", y="loss", color="run", label="train loss", elem_id="lk-runs-plot")
-        diffs = gr.Dataframe(label="config differences", elem_id="lk-runs-diff")
+        curves = gr.Plot(label="train and eval loss", elem_id="lk-runs-plot")
+        scores = gr.Dataframe(label="held-out scores before and after", elem_id="lk-runs-scores")
+        configs = gr.HTML(elem_id="lk-runs-configs")
         refresh.click(lambda: gr.CheckboxGroup(choices=ctx.runs.names()), None, chosen)
-        chosen.change(partial(h.compare, ctx), chosen, [curves, diffs])
+
+        def compare(names, only_differences):
+            rows, table, html = h.compare(ctx, names, only_differences)
+            return h.loss_figure(rows), table, html
+
+        for widget in (chosen, only):
+            widget.change(compare, [chosen, only], [curves, scores, configs])
 
 
 def chat_tab(gr, ctx: UiContext) -> None:
@@ -110,7 +121,8 @@ def chat_tab(gr, ctx: UiContext) -> None:
         ask = gr.Button("Ask", variant="primary", elem_id="lk-ask")
         answers = gr.HTML(elem_id="lk-answers")
         with gr.Row():
-            target = gr.Dropdown(["gguf-lora", "gguf", "ollama", "vllm"], value="gguf-lora", label="export the first chosen run to",
+            target = gr.Dropdown(list(TARGETS), value="gguf-lora", label="export the first chosen run to (transformers: "
+                                 "the merged model's folder)",
                                  elem_id="lk-export-to")
             export = gr.Button("Export", elem_id="lk-export")
         exported = gr.Markdown(elem_id="lk-exported")
