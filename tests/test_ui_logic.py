@@ -79,6 +79,9 @@ def test_runs_are_listed_and_their_configs_compared(tmp_path):
     assert table.values.tolist() == [["eval loss", "2.5000", "0.5000"], ["exact match", "0.0%", "87.5%"]]
     assert list(table.columns) == ["held-out", "base", "adapter (step 10)"] and len(result_table(read_metrics(tmp_path / "a"))) == 0
     ctx = UiContext(str(tmp_path), str(tmp_path / "data"), "unused")
+    (tmp_path / "b" / "model").mkdir()
+    (tmp_path / "b" / "model" / "config.json").write_text("{}")  # a full/freeze run's model: chat can use it
+    assert ctx.models() == ["unused", str(tmp_path / "b" / "model")] and ctx.adapters() == {}
     curves, scores, html = compare(ctx, ["a", "b"])
     assert sorted(set(curves["run"])) == ["a · train", "b · eval", "b · train"] and len(curves) == 1 + 5
     assert scores.values.tolist()[0] == ["b", "eval loss", "2.5000", "0.5000"]

@@ -48,6 +48,11 @@ class UiContext:
         return {n: str(self.runs.path(n) / "adapter") for n in self.runs.names()
                 if (self.runs.path(n) / "adapter" / "adapter_config.json").is_file()}
 
+    def models(self) -> list[str]:
+        """The base models to chat with: the UI's model, then every full/freeze run's model folder."""
+        return [self.model, *(str(self.runs.path(n) / "model") for n in self.runs.names()
+                              if (self.runs.path(n) / "model" / "config.json").is_file())]
+
 
 def _error(err: object) -> str:
     return f"**error:** {err}"

@@ -107,8 +107,9 @@ def runs_tab(gr, ctx: UiContext) -> None:
 def chat_tab(gr, ctx: UiContext) -> None:
     with gr.Tab("Chat", id="chat"):
         with gr.Row():
-            model = gr.Textbox(label="base model", value=ctx.model, elem_id="lk-chat-model")
-            refresh = gr.Button("Refresh adapters", elem_id="lk-chat-refresh")
+            model = gr.Dropdown(ctx.models(), value=ctx.model, allow_custom_value=True, elem_id="lk-chat-model",
+                                label="base model (or a full/freeze run's model folder; any id or path)")
+            refresh = gr.Button("Refresh runs", elem_id="lk-chat-refresh")
         chosen = gr.CheckboxGroup(label="adapters (runs that wrote one)", choices=list(ctx.adapters()), elem_id="lk-chat-adapters")
         with gr.Accordion("Weighted mix of two adapters (in memory; nothing is written)", open=False):
             with gr.Row():
@@ -129,8 +130,9 @@ def chat_tab(gr, ctx: UiContext) -> None:
 
         def adapters_now():
             names = list(ctx.adapters())
-            return gr.CheckboxGroup(choices=names), gr.Dropdown(choices=names), gr.Dropdown(choices=names)
+            return (gr.CheckboxGroup(choices=names), gr.Dropdown(choices=names), gr.Dropdown(choices=names),
+                    gr.Dropdown(choices=ctx.models()))
 
-        refresh.click(adapters_now, None, [chosen, mix_a, mix_b])
+        refresh.click(adapters_now, None, [chosen, mix_a, mix_b, model])
         ask.click(partial(h.ask, ctx), [model, chosen, question, max_new, use_mix, mix_a, mix_b, weight], answers)
         export.click(lambda names, t: h.export_(ctx, (names or [None])[0], t), [chosen, target], exported)
