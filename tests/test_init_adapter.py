@@ -58,6 +58,26 @@ def test_using_adapter_runs_a_frozen_adapter_and_leaves_what_trains_alone():
             pass
 
 
+def test_the_starting_model_runs_without_dropout_and_gives_back_train_mode():
+    from lorakit.training.objective import INIT_ADAPTER, starting_model
+
+    lm = get_lora_model(tiny_llama(), LoraConfig(r=4, alpha=8, dropout=0.5, target_modules=["q_proj", "v_proj"]))
+    lm.add_adapter(INIT_ADAPTER, LoraConfig(r=4, alpha=8, dropout=0.5, target_modules=["q_proj", "v_proj"]),
+                   activate=False)
+    for name, p in lm.named_parameters():
+        if "lora_" in name:
+            torch.nn.init.normal_(p.data, std=0.2)
+    x = torch.randint(3, VOCAB, (2, 9))
+    lm.train()
+    with torch.no_grad():
+        with starting_model(lm):
+            a, b = lm(input_ids=x).logits, lm(input_ids=x).logits
+            assert not lm.model.training
+        c, d = lm(input_ids=x).logits, lm(input_ids=x).logits
+    assert torch.equal(a, b) and not torch.allclose(c, d)  # the reference is fixed; the policy's dropout is on
+    assert all(m.training for m in lm.model.modules())
+
+
 @pytest.fixture(scope="module")
 def sft_run(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sft")

@@ -12,8 +12,9 @@ copy: ``starting_model``), run once more without gradients — no second copy of
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -126,10 +127,21 @@ class Objective:
         return loss, stats
 
 
-def starting_model(lm: Any) -> ContextManager[None]:
+@contextmanager
+def starting_model(lm: Any) -> Iterator[None]:
     """Inside the block ``lm`` is the model its run started from — DPO's reference and the "before"
-    of the evaluation: the base with the adapter off, or train.init_adapter's frozen copy."""
-    return lm.using_adapter(INIT_ADAPTER) if INIT_ADAPTER in getattr(lm, "configs", {}) else lm.disable_adapter()
+    of the evaluation: the base with the adapter off, or train.init_adapter's frozen copy — with
+    dropout off (a reference is a fixed function, as TRL's default disable_dropout makes it)."""
+    modules = list(lm.model.modules())
+    was = [m.training for m in modules]
+    start = lm.using_adapter(INIT_ADAPTER) if INIT_ADAPTER in getattr(lm, "configs", {}) else lm.disable_adapter()
+    lm.model.eval()
+    try:
+        with start:
+            yield
+    finally:
+        for m, training in zip(modules, was):
+            m.training = training
 
 
 def make_objective(t: TrainConfig) -> Objective:
