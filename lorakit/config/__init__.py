@@ -10,12 +10,12 @@ from .aliases import translate_aliases
 from .fields import default_of, field_docs, from_dict
 from .loading import coerce_value, dump_yaml, load_yaml, merge_nested, run_config_from_dict
 from .rank_schedule import RankSchedule, parse_rank_schedule, stage_alpha
-from .sections import (BIAS_CHOICES, COMBINE_METHODS, SIGN_METHODS, TASK_MERGES, DEFAULT_MODEL, DTYPE_CHOICES, INIT_CHOICES, METHODS, OPTIMIZERS, PRECISIONS, QUANT_CHOICES,
+from .sections import (BEFORE_LABELS, BIAS_CHOICES, COMBINE_METHODS, SIGN_METHODS, TASK_MERGES, DEFAULT_MODEL, DTYPE_CHOICES, INIT_CHOICES, METHODS, OPTIMIZERS, PRECISIONS, QUANT_CHOICES,
                        QUANT_ROUNDINGS, SCHEDULES, SECTIONS, DataConfig, LoraConfig, ModelConfig, RunConfig,
                        TrainConfig, ADAPTER_LR, WEIGHT_LR, WEIGHT_METHODS, OBJECTIVES, PREFERENCE_BETA, TRACKERS, one_of,
                        resolve_batch_tokens, valid_init)
 
-__all__ = ["translate_aliases", "default_of", "field_docs", "from_dict", "coerce_value", "dump_yaml", "load_yaml",
+__all__ = ["BEFORE_LABELS", "translate_aliases", "default_of", "field_docs", "from_dict", "coerce_value", "dump_yaml", "load_yaml",
            "merge_nested", "run_config_from_dict", "RankSchedule", "parse_rank_schedule", "stage_alpha",
            "BIAS_CHOICES", "COMBINE_METHODS", "SIGN_METHODS", "TASK_MERGES", "DEFAULT_MODEL", "DTYPE_CHOICES", "INIT_CHOICES", "METHODS", "OPTIMIZERS", "PRECISIONS", "QUANT_CHOICES",
            "QUANT_ROUNDINGS", "SCHEDULES", "SECTIONS", "DataConfig", "LoraConfig", "ModelConfig", "RunConfig",

@@ -13,7 +13,10 @@ from .rank_schedule import parse_rank_schedule
 
 __all__ = ["LoraConfig", "ModelConfig", "DataConfig", "TrainConfig", "RunConfig", "SECTIONS", "BIAS_CHOICES", "DEFAULT_MODEL",
            "QUANT_CHOICES", "QUANT_ROUNDINGS", "METHODS", "WEIGHT_METHODS", "ADAPTER_LR", "WEIGHT_LR", "TASK_MERGES", "COMBINE_METHODS", "SIGN_METHODS", "OPTIMIZERS", "SCHEDULES", "DTYPE_CHOICES", "PRECISIONS", "INIT_CHOICES",
-           "valid_init", "one_of", "resolve_batch_tokens", "OBJECTIVES", "PREFERENCE_BETA"]
+           "valid_init", "one_of", "resolve_batch_tokens", "OBJECTIVES", "PREFERENCE_BETA", "BEFORE_LABELS"]
+# What metrics.jsonl and the tables call the model before training: the base, or (train.init_adapter)
+# the adapter as it started
+BEFORE_LABELS = ("base", "start")
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 QUANT_CHOICES = ("none", "nf4", "fp4", "int8")
@@ -314,6 +317,11 @@ class TrainConfig:
         if self.lr is not None:
             return float(self.lr)
         return WEIGHT_LR if self.method in WEIGHT_METHODS else ADAPTER_LR
+
+    @property
+    def before_label(self) -> str:
+        """What the run's "before" is called: base, or start when init_adapter is trained further."""
+        return BEFORE_LABELS[self.init_adapter is not None]
 
     def __post_init__(self) -> None:
         for key in ("lr", "beta"):

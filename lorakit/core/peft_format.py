@@ -198,6 +198,16 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str, config: L
     return folder
 
 
+def read_adapter_config(folder: Path) -> LoraConfig:
+    """An adapter folder's adapter_config.json as a LoraConfig (checked; the weights are not read)."""
+    cfg_path = folder / CONFIG_NAME
+    try:
+        data = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise LorakitError(f"{cfg_path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    return config_from_peft(data, str(cfg_path))
+
+
 def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, Tensor]]:
     """Read and check an adapter folder (config + safetensors); nothing is applied."""
     folder = Path(path)
@@ -212,11 +222,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, Tensor]
         hint = " (found adapter_model.bin: lorakit reads safetensors only, it never unpickles files)" \
             if (folder / "adapter_model.bin").exists() else ""
         raise LorakitError(f"{weights_path} is missing{hint}")
-    try:
-        data = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise LorakitError(f"{cfg_path}:{err.lineno}: not valid JSON ({err.msg})") from None
-    config = config_from_peft(data, str(cfg_path))
+    config = read_adapter_config(folder)
     try:
         state = load_file(weights_path)
     except (SafetensorError, OSError) as err:

@@ -94,11 +94,6 @@ class Run:
     flops_per_token: float = 0.0
     peak_flops: float = 0.0
 
-    @property
-    def before_label(self) -> str:
-        """What the "before" is called: base, or start when train.init_adapter is trained further."""
-        return "base" if self.cfg.train.init_adapter is None else "start"
-
     def evaluate(self, base: bool = False) -> tuple[dict[str, float], list[str]]:
         t = self.cfg.train
         # A full/freeze model mixes fp32 trained and half-precision frozen weights: it runs under autocast.
@@ -180,7 +175,7 @@ def _evaluate_base(run: Run) -> None:
     """The scores of the model the run starts from (the base, or train.init_adapter's adapter), the
     "before" of the final table."""
     run.before, run.base_answers = run.evaluate(base=True)
-    run.log.eval(0, run.before, label=run.before_label)
+    run.log.eval(0, run.before, label=run.cfg.train.before_label)
     if run.base.eora and run.prepared.val:
         corrected = eval_loss(run.lm.model, run.prepared.val, run.cfg.data.max_len, run.cfg.train.batch_size,
                               run.base.tokenizer.pad_token_id, run.base.device)
@@ -384,7 +379,7 @@ def _finish(run: Run, t_begin: float) -> TrainResult:
         return TrainResult(out, kw.pop("adapter", adapter_dir), progress.step, progress.tokens,
                            time.perf_counter() - t_begin, train_s, tps, peak_memory_mb(device), run.loss, **kw,
                            mfu=mfu(tps, run.flops_per_token, run.peak_flops), peak_flops=run.peak_flops,
-                           before_label=run.before_label)
+                           before_label=run.cfg.train.before_label)
 
     if not run.ctx.is_main:  # rank 0 writes the adapter and evaluates
         if run.ctx.fsdp and not interrupted:
@@ -413,5 +408,5 @@ def _finish(run: Run, t_begin: float) -> TrainResult:
         base_answers = run.base_answers or [""] * len(answers)
         for (chat, _), base_a, new_a in list(zip(p.val_chats, base_answers, answers))[:4]:
             samples.append((chat[-1]["content"], base_a.strip(), new_a.strip()))
-    run.log.finish({run.before_label: run.before, run.label: after})
+    run.log.finish({run.cfg.train.before_label: run.before, run.label: after})
     return result(before=run.before, after=after, samples=samples)

@@ -129,7 +129,7 @@ def model_card(cfg: RunConfig, base: str, license: str | None, data_summary: str
         "",
         "## Evaluation",
         "",
-        *_eval_table(before, after, before_label="base" if cfg.train.init_adapter is None else "start"),
+        *_eval_table(before, after, before_label=cfg.train.before_label),
         "",
         "## Use it",
         "",

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_file
+from ..config import BEFORE_LABELS
 from .trackers import Tracker, numeric
 
 __all__ = ["RunLog", "peak_memory_mb", "plot_losses"]
@@ -63,7 +64,7 @@ class RunLog:
             self.train_points.append((rec["step"], rec["loss"]))
         if "eval_loss" in rec:
             self.eval_points.append((rec["step"], rec["eval_loss"]))
-        if rec.get("model") in ("base", "start"):  # the "before" (start: train.init_adapter as it started)
+        if rec.get("model") in BEFORE_LABELS:
             self.base_metrics = {k: v for k, v in rec.items() if k not in ("step", "model")}
 
     def _write(self, rec: dict[str, Any]) -> None:

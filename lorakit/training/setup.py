@@ -20,7 +20,7 @@ from ..config import WEIGHT_METHODS, RunConfig
 from ..config.rank_schedule import RankSchedule, parse_rank_schedule, stage_alpha
 from ..core.full_tuning import FullTuning, select_trainable
 from ..core.lora_model import LoraModel, get_lora_model
-from ..core.peft_format import find_adapter_folder, read_adapter
+from ..core.peft_format import find_adapter_folder, read_adapter_config
 from ..core.start import drop_all as drop_start_factors
 from ..data.dataset import Prepared
 from ..data.packing import batch_plan, make_batches
@@ -45,8 +45,8 @@ def with_init_adapter(cfg: RunConfig) -> RunConfig:
     section and the adapter folder resolved (a run folder stands for its adapter/); unchanged without one."""
     if cfg.train.init_adapter is None:
         return cfg
-    folder = find_adapter_folder(cfg.train.init_adapter)
-    config, _ = read_adapter(folder)
+    folder = find_adapter_folder(cfg.train.init_adapter)  # (it holds adapter_config.json)
+    config = read_adapter_config(folder)
     return replace(cfg, lora=replace(config, init="default"), train=replace(cfg.train, init_adapter=str(folder)))
 
 

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import BEFORE_LABELS
 from ..errors import LorakitError
 
 __all__ = ["RunStatus", "RunManager", "read_metrics", "read_config", "config_table", "config_differences",
-           "before_after", "BEFORE_LABELS"]
+           "before_after"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 LOGS = ".ui-logs"  # ROOT/.ui-logs/NAME.log: the output of the runs the UI started (train wants an empty run folder)
@@ -63,10 +64,6 @@ def config_table(configs: dict[str, dict]) -> list[tuple[str, list[Any], bool]]:
 def config_differences(configs: dict[str, dict]) -> list[tuple[str, list[Any]]]:
     """(section.key, [value per run]) for every key whose value is not the same in all runs."""
     return [(key, values) for key, values, differs in config_table(configs) if differs]
-
-
-# What metrics.jsonl calls the model before training (start: train.init_adapter as it started)
-BEFORE_LABELS = ("base", "start")
 
 
 def before_after(metrics: list[dict]) -> tuple[dict, dict] | None:
