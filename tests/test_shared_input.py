@@ -1,6 +1,6 @@
 """Sibling projections that read the same input (q/k/v, gate/up) run their A factors as one
-matmul: same outputs and gradients as separate layers, and no sharing where it would change
-the math (dropout) or where the siblings do not actually share the input (cross-attention)."""
+matmul: same outputs and gradients as separate layers, with one dropout mask per group, and no
+sharing where the siblings do not actually share the input (cross-attention)."""
 
 import copy
 from types import SimpleNamespace
@@ -11,6 +11,7 @@ from torch import nn
 
 import lorakit.core.shared_input as shared_input
 from lorakit import LoraConfig, get_lora_model
+from lorakit.core.dropout import dropped_linear
 from lorakit.core.inject import lora_layers
 
 from conftest import tiny_llama
@@ -65,13 +66,28 @@ def test_grouped_a_matmuls_equal_separate_layers(monkeypatch):
         torch.testing.assert_close(our_grads[k], ref_grads[k], atol=1e-6, rtol=1e-5)
 
 
-def test_no_sharing_with_dropout(monkeypatch):
+def test_dropout_shares_one_stacked_matmul_per_group(monkeypatch):
     lm = get_lora_model(tiny_llama(), LoraConfig(r=4, alpha=8, dropout=0.1, target_modules="all-linear"))
     assert len(_groups(lm.model)) == 4
-    calls = _count_stacked_matmuls(monkeypatch)
+    calls = []
+
+    def dropped(x, A, p):
+        calls.append((A.shape[0], p))
+        return dropped_linear(x, A, p)
+
+    monkeypatch.setattr(shared_input, "dropped_linear", dropped)
     lm.model.train()
     lm.model(torch.randint(3, 90, (1, 8)))
-    assert calls == []  # dropout draws one mask per layer: each layer runs alone
+    assert sorted(calls) == [(8, 0.1), (8, 0.1), (12, 0.1), (12, 0.1)]  # one mask for q/k/v, one for gate/up
+    calls.clear()
+    attn = lm.model.model.layers[0].self_attn
+    attn.v_proj.lora_dropout["default"].p = 0.2  # siblings that drop differently each run alone
+    lm.model(torch.randint(3, 90, (1, 8)))
+    assert sorted(calls) == [(8, 0.1), (8, 0.1), (12, 0.1)]
+    calls.clear()
+    lm.model.eval()  # no dropout in eval mode: the plain stacked matmul
+    lm.model(torch.randint(3, 90, (1, 8)))
+    assert calls == []
 
 
 class _CrossAttention(nn.Module):

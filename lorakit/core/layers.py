@@ -21,10 +21,10 @@ from torch import Tensor, nn
 
 from ..config import INIT_CHOICES
 from .dora import DoraLinear
+from .dropout import dropped_linear
 from .start import balanced_factors, pissa_factors, start_of
 
-__all__ = ["LoraLayer", "LoraLinear", "lora_scaling", "to_adapter_dtype", "INIT_CHOICES"]
-
+__all__ = ["LoraLayer", "LoraLinear", "lora_scaling", "to_adapter_dtype", "dropout_probability", "INIT_CHOICES"]
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -41,6 +41,12 @@ def to_adapter_dtype(x: Tensor, A: Tensor) -> Tensor:
     # Under autocast the matmuls cast their inputs themselves: converting a bf16 activation to the
     # fp32 adapter dtype first would only make a copy that autocast converts straight back.
     return x if torch.is_autocast_enabled(x.device.type) else x.to(A.dtype)
+
+
+def dropout_probability(layer: nn.Module, name: str) -> float:
+    """The dropout probability adapter ``name`` applies to its input now: 0 in eval mode."""
+    dropout = layer.lora_dropout[name]
+    return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
 
 def _require_float_base(weight: Tensor, what: str) -> None:
@@ -327,7 +333,8 @@ class LoraLinear(DoraLinear, LoraLayer):
             return super().add_lora_output(result, x, name)
         h = self.shared_input.hidden(x, name, self) if self.shared_input is not None else None
         if h is None:
-            h = F.linear(to_adapter_dtype(self.lora_dropout[name](x), A), A)  # (..., r)
+            p = dropout_probability(self, name)  # fused: the mask is recomputed in backward, not kept
+            h = dropped_linear(x, A, p) if p else F.linear(to_adapter_dtype(x, A), A)  # (..., r)
         # addmm folds the scaling and the residual add into the B matmul: no extra (N, out) pass.
         out = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), B.t(), alpha=self.scaling[name])
         return out.view(result.shape)

@@ -6,10 +6,11 @@ three dA and three dX matmuls backward; stacked into one (Σr × in) matrix they
 and run one of each (autograd splits the gradient back onto each A through the ``cat``).
 The math is unchanged: every row of the stacked product is exactly one adapter's X·Aᵀ.
 
-Only the path that is identical either way is shared: the adapter exists, is active, unmerged
-and without dropout (dropout gives each layer its own mask) and not DoRA on every sibling. Grouping is by
-name inside one parent module; if the siblings turn out to receive different tensors
-(cross-attention), the group switches itself off and each layer runs alone.
+Shared only where every sibling has the adapter, active, unmerged, not DoRA, and with the same
+dropout probability: in training the group draws one dropout mask for the input they share
+(``lorakit.core.dropout``; PEFT draws one per layer). Grouping is by name inside one parent
+module; if the siblings turn out to receive different tensors (cross-attention), the group
+switches itself off and each layer runs alone.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import LoraLinear, to_adapter_dtype
+from .dropout import dropped_linear
+from .layers import LoraLinear, dropout_probability, to_adapter_dtype
 
 __all__ = ["SHARED_INPUT_NAMES", "SharedInputGroup", "link_shared_inputs"]
 
@@ -47,10 +49,11 @@ class SharedInputGroup:
         return {**self.__dict__, "_cache": {}}
 
     def _shareable(self, name: str) -> bool:
-        return all(name in layer.lora_A and isinstance(layer.lora_dropout[name], nn.Identity)
-                   and name not in layer.lora_magnitude
+        if not all(name in layer.lora_A and name not in layer.lora_magnitude
                    and name not in layer.merged_adapters and name in layer.active_adapters
-                   for layer in self.layers)
+                   for layer in self.layers):
+            return False
+        return len({dropout_probability(layer, name) for layer in self.layers}) == 1
 
     def hidden(self, x: Tensor, name: str, layer: nn.Module) -> Tensor | None:
         """``layer``'s X·Aᵀ for adapter ``name`` (its rows of the stacked product), or None when
@@ -68,7 +71,8 @@ class SharedInputGroup:
                 self._cache.clear()
                 return None
             A = torch.cat([member.lora_A[name] for member in self.layers])  # (Σr, in)
-            h = F.linear(to_adapter_dtype(x, A), A)  # (..., Σr)
+            p = dropout_probability(layer, name)
+            h = dropped_linear(x, A, p) if p else F.linear(to_adapter_dtype(x, A), A)  # (..., Σr)
             pending = set(range(len(self.layers)))
             self._cache[name] = (weakref.ref(x), x._version, h, pending)
         pending.discard(idx)

@@ -25,6 +25,7 @@ BITS_NF4 = 4 + 32 / 64
 BITS_NF4_DOUBLE_QUANT = 4 + 8 / 64 + 32 / (64 * 256)
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 _OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "sgd": 0}  # state bytes per trainable parameter
+SHARED_INPUTS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})  # one input, one dropout mask
 LOSS_CHUNK = 1024  # positions per chunk of the label-only loss (lorakit.ops.loss)
 
 
@@ -133,8 +134,18 @@ class Estimate:
         return d
 
 
+def _dropout_bytes_per_layer(s: ModelShape, names: list[str], dora: bool, act_bytes: int) -> int:
+    """Per token and layer, what adapter dropout keeps for backward: a 1-byte mask per distinct input
+    (q/k/v share one, gate/up one: lorakit.core.dropout); DoRA drops out with nn.Dropout, which also
+    keeps the dropped-out copy of each adapted projection's input."""
+    if dora:
+        return sum(s.linears[n][0] * (1 + act_bytes) for n in names)
+    inputs = {next((i for i, g in enumerate(SHARED_INPUTS) if n in g), n): s.linears[n][0] for n in names}
+    return sum(inputs.values())
+
+
 def _activation_bytes_per_token(s: ModelShape, act_bytes: int, r: int, n_adapted: int, grad_ckpt: bool,
-                                dora_outs: int = 0) -> float:
+                                dora_outs: int = 0, dropout_bytes: int = 0) -> float:
     """Bytes kept for backward per token, all layers, for a Llama-like block with a frozen base.
 
     Saved per layer and token (floats): the block input and the first norm's output (2h); the
@@ -143,15 +154,16 @@ def _activation_bytes_per_token(s: ModelShape, act_bytes: int, r: int, n_adapted
     product fed to down_proj (4·I); each adapted projection's A·x (r). A frozen weight's matmul
     keeps no input. Measured on SmolLM2 (2,048 tokens, fp32): 1.155 MiB per token against this
     formula's 1.155. DoRA keeps each adapted projection's output before its rescaling too
-    (``dora_outs``: their output widths summed). With checkpointing only each block's input is kept (h per layer), plus one
-    block's activations while it is recomputed.
+    (``dora_outs``: their output widths summed); adapter dropout its masks (``dropout_bytes`` a
+    layer). With checkpointing only each block's input is kept (h per layer), plus one block's
+    activations while it is recomputed.
 
     In half precision the two RMSNorms of a block still compute in fp32 (transformers upcasts)
     and keep their fp32 input and normalised product for backward: 2 × 2h fp32 values more per
     layer (measured on SmolLM2 in bf16: the estimate was 18.5% low without them).
     """
     per_layer = 2 * s.hidden + (2 * s.hidden + 2 * s.kv_dim) + 2 * s.hidden + 4 * s.intermediate + n_adapted * r + dora_outs
-    per_layer_bytes = act_bytes * per_layer + (0 if act_bytes >= 4 else 2 * 2 * s.hidden * 4)
+    per_layer_bytes = act_bytes * per_layer + (0 if act_bytes >= 4 else 2 * 2 * s.hidden * 4) + dropout_bytes
     if grad_ckpt:
         return act_bytes * s.layers * s.hidden + per_layer_bytes
     return s.layers * per_layer_bytes
@@ -181,7 +193,8 @@ def estimate_memory(s: ModelShape, method: str = "lora", r: int = 16, targets: l
                     batch: int = 4, seq: int = 1024, grad_ckpt: bool = False, dtype: str = "fp32",
                     optimizer: str = "adamw", double_quant: bool = True, label_fraction: float = 1.0,
                     chunked_loss: bool = True, overhead_bytes: float | None = None,
-                    device_memory: float | None = None, dora: bool = False, freeze_layers: int = 2) -> Estimate:
+                    device_memory: float | None = None, dora: bool = False, freeze_layers: int = 2,
+                    dropout: bool = False) -> Estimate:
     """Memory for one training step of ``batch`` rows of ``seq`` tokens. ``method`` full/freeze:
     the model's own weights train (freeze: ``freeze_layers`` decoder blocks), as lorakit trains
     them (fp32 master weights, lorakit.core.full_tuning)."""
@@ -224,8 +237,9 @@ def estimate_memory(s: ModelShape, method: str = "lora", r: int = 16, targets: l
     tokens = batch * seq
     act_b = 4 if dtype == "fp32" else 2
     dora_outs = sum(s.linears[n][1] for n in names) if dora and not weights_train else 0
+    drop_b = _dropout_bytes_per_layer(s, names, dora, act_b) if dropout and not weights_train else 0
     per_token = _activation_bytes_per_token(s, act_b, 0 if weights_train else r, 0 if weights_train else len(names),
-                                            grad_ckpt, dora_outs)
+                                            grad_ckpt, dora_outs, drop_b)
     if method == "freeze":  # only the trained blocks keep activations (no gradient reaches the others)
         per_token *= min(abs(freeze_layers), s.layers) / s.layers
     comp["activations"] = tokens * per_token
@@ -244,7 +258,7 @@ def estimate_memory(s: ModelShape, method: str = "lora", r: int = 16, targets: l
     comp["framework overhead"] = overhead_bytes if overhead_bytes is not None else 0.0
     est = Estimate(comp, trainable, frozen, adapter_by_type,
                    dict(method=method, r=r, targets=names, batch=batch, seq=seq, grad_ckpt=grad_ckpt, dtype=dtype,
-                        optimizer=optimizer, double_quant=double_quant, dora=dora,
+                        optimizer=optimizer, double_quant=double_quant, dora=dora, dropout=dropout,
                         **({"freeze_layers": freeze_layers} if method == "freeze" else {})), device_memory)
     if device_memory is not None:
         fixed = est.total - comp["activations"] - comp[loss_key]

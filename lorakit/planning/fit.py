@@ -67,7 +67,7 @@ def estimate_run(shape: ModelShape, cfg: Any, precision: str, overhead: float, b
                            cfg.train.batch_size if batch is None else batch, cfg.data.max_len,
                            cfg.train.grad_checkpointing if ckpt is None else ckpt, precision, optimizer,
                            cfg.model.double_quant, overhead_bytes=overhead, device_memory=device_memory,
-                           dora=cfg.lora.use_dora, freeze_layers=cfg.train.freeze_layers)
+                           dora=cfg.lora.use_dora, freeze_layers=cfg.train.freeze_layers, dropout=cfg.lora.dropout > 0)
 
 
 def _gib(x: float) -> str:

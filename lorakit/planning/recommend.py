@@ -165,7 +165,8 @@ def _memory_rules(profile: DataProfile, shape: ModelShape, lora: dict[str, Any],
 
     def estimate(method: str, ckpt: bool, batch: int) -> Estimate:
         return estimate_memory(shape, method, lora["r"], targets, batch, max_len, ckpt, dtype, "adamw",
-                               label_fraction=profile.label_fraction, device_memory=device_memory)
+                               label_fraction=profile.label_fraction, device_memory=device_memory,
+                               dropout=lora["dropout"] > 0)
 
     gib, where = 2 ** 30, f" ({memory_source})" if memory_source else ""
     large = profile.examples >= FULL_MIN_EXAMPLES
