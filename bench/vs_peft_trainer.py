@@ -238,17 +238,23 @@ def main() -> None:
 
 
 def equal_tokens(paths: dict, sets: str, steps: int, out: Path) -> None:
-    """The same tokens per step on both sides: the peer (PEFT + Trainer padding-free, bf16, 4
-    examples per step) runs first; lorakit then trains with the peer's mean tokens per step, at its
+    """The same tokens per step on both sides: the peer (PEFT + Trainer padding-free at its best
+    precision on this CPU: bf16 where it multiplies bf16 natively, else fp32; 4 examples per step) runs first; lorakit then trains with the peer's mean tokens per step, at its
     default precision, two ways: one packed row of that many tokens per step (examples longer than
     the row are truncated), and unpacked micro-batches of that token budget (train.batch_tokens;
     nothing truncated, some padding). At dropout 0 and 0.05, each run in its own process."""
+    import torch
+
+    from lorakit.base import native_bf16
+
+    peer_kind = "peft-padfree-bf16" if native_bf16(torch.device("cpu")) else "peft-padfree"
+    print(f"# peer: {KINDS[peer_kind]}", flush=True)
     lines = ["| data | dropout | lorakit: tokens/step | PEFT tokens/s | lorakit tokens/s | ratio | PEFT peak RSS MiB | lorakit | "
              "ratio | PEFT held-out loss | lorakit | difference |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in sets.split(","):
         max_len = 256 if name == "demo" else 1024
         for suffix, dropout in (("", 0.0), ("-d05", 0.05)):
-            peer = run_worker(f"peft-padfree-bf16{suffix}", paths[name], steps, max_len, out / f"{name}-eq-peft{suffix}")
+            peer = run_worker(f"{peer_kind}{suffix}", paths[name], steps, max_len, out / f"{name}-eq-peft{suffix}")
             per_step = max(64, round(peer["tokens"] / steps))
             runs = {f"packed rows of {per_step}": run_worker(f"lorakit-packed{suffix}", paths[name], steps, per_step,
                                                             out / f"{name}-eq-lorakit{suffix}"),
