@@ -107,9 +107,12 @@ def test_activation_and_loss_terms_by_hand():
                                          num_attention_heads=4, num_key_value_heads=2))
     e = estimate_memory(tiny, "lora", r=4, batch=1, seq=16)
     # per token and layer: block input + norm out (2h), q_rot + k + v + attention out (= o_proj's
-    # input) (2h + 2kv), residual + norm out (2h), gate/up/silu/product (4I), A·x for 7 adapters (7r); fp32
-    per_token = (6 * 64 + 2 * 32 + 4 * 128 + 7 * 4) * 4 * 2
+    # input) (2h + 2kv), residual + norm out (2h), gate/up/product (3I: silu is recomputed), A·x for
+    # 7 adapters (7r); fp32
+    per_token = (6 * 64 + 2 * 32 + 3 * 128 + 7 * 4) * 4 * 2
     assert e.components["activations"] == 16 * per_token
+    masks = estimate_memory(tiny, "lora", r=4, batch=1, seq=16, dropout=True)  # 1-byte masks: q/k/v, o, gate/up, down
+    assert masks.components["activations"] - e.components["activations"] == 16 * 2 * (64 + 64 + 64 + 128)
     # one chunk of fp32 logits (softmax in place) + the label positions' hidden and its gradient
     assert e.components["loss (chunked logits)"] == 16 * 96 * 4 + 2 * 16 * 64 * 4
     ck = estimate_memory(tiny, "lora", r=4, batch=1, seq=16, grad_ckpt=True)

@@ -237,3 +237,13 @@ def test_mfu_counts_the_frozen_matmuls_four_times_and_the_adapter_six():
     trainable = 2 * (4 * 64 + 64 * 4 + 4 * 64 + 32 * 4)
     assert train_flops_per_token(lm.model) == 4 * frozen + 6 * trainable
     assert mfu(1000.0, 2e6, 4e9) == 0.5 and mfu(1.0, 1.0, 0.0) == 0.0
+
+
+def test_the_matmul_peak_leaves_the_global_generator_alone():
+    from lorakit.training.mfu import matmul_peak_flops
+
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    assert matmul_peak_flops(torch.float32, n=64, reps=1) > 0
+    assert torch.equal(torch.rand(3), want)  # measured before and after the loop: resume stays exact

@@ -42,6 +42,7 @@ class ModelShape:
     kv_heads: int
     tie_embeddings: bool
     linears: dict[str, tuple[int, int]] = field(default_factory=dict)  # per layer: name -> (in, out)
+    silu_gated: bool = False  # gate_proj/up_proj with SiLU: lorakit.ops.gated_mlp keeps 3 wide tensors, not 4
 
     @property
     def head_dim(self) -> int:
@@ -94,7 +95,8 @@ def shape_from_config(cfg: Any) -> ModelShape:
     else:  # Llama-like: q/k/v/o + gated MLP
         lin = {"q_proj": (h, h), "k_proj": (h, kvd), "v_proj": (h, kvd), "o_proj": (h, h),
                "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-    return ModelShape(mt, vocab, h, inter, layers, heads, kv, tie, lin)
+    silu = "gate_proj" in lin and getattr(cfg, "hidden_act", getattr(cfg, "hidden_activation", "silu")) in ("silu", "swish")
+    return ModelShape(mt, vocab, h, inter, layers, heads, kv, tie, lin, silu)
 
 
 def parse_size(text: str) -> float:
@@ -151,9 +153,10 @@ def _activation_bytes_per_token(s: ModelShape, act_bytes: int, r: int, n_adapted
     Saved per layer and token (floats): the block input and the first norm's output (2h); the
     rotated q, k and v, and the attention output, which is also o_proj's input (2h + 2·kv); the
     residual sum and the second norm's output (2h); the MLP's gate, up, SiLU(gate) and the
-    product fed to down_proj (4·I); each adapted projection's A·x (r). A frozen weight's matmul
-    keeps no input. Measured on SmolLM2 (2,048 tokens, fp32): 1.155 MiB per token against this
-    formula's 1.155. DoRA keeps each adapted projection's output before its rescaling too
+    product fed to down_proj (4·I; 3·I for a SiLU-gated MLP, whose SiLU lorakit.ops.gated_mlp
+    recomputes in backward); each adapted projection's A·x (r). A frozen weight's matmul
+    keeps no input. Measured on SmolLM2 (saved-tensor hooks, 1,024 tokens, fp32, dropout 0.05):
+    1,108 KB a token against this formula's 1,099 (1,003 + 96 of dropout masks). DoRA keeps each adapted projection's output before its rescaling too
     (``dora_outs``: their output widths summed); adapter dropout its masks (``dropout_bytes`` a
     layer). With checkpointing only each block's input is kept (h per layer), plus one block's
     activations while it is recomputed.
@@ -162,7 +165,8 @@ def _activation_bytes_per_token(s: ModelShape, act_bytes: int, r: int, n_adapted
     and keep their fp32 input and normalised product for backward: 2 × 2h fp32 values more per
     layer (measured on SmolLM2 in bf16: the estimate was 18.5% low without them).
     """
-    per_layer = 2 * s.hidden + (2 * s.hidden + 2 * s.kv_dim) + 2 * s.hidden + 4 * s.intermediate + n_adapted * r + dora_outs
+    mlp = (3 if s.silu_gated else 4) * s.intermediate
+    per_layer = 2 * s.hidden + (2 * s.hidden + 2 * s.kv_dim) + 2 * s.hidden + mlp + n_adapted * r + dora_outs
     per_layer_bytes = act_bytes * per_layer + (0 if act_bytes >= 4 else 2 * 2 * s.hidden * 4) + dropout_bytes
     if grad_ckpt:
         return act_bytes * s.layers * s.hidden + per_layer_bytes

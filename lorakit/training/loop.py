@@ -32,6 +32,7 @@ from ..data.dataset import Prepared, prepare_data
 from ..data.packing import Batch, batch_plan, collate, stream_plan
 from ..errors import LorakitError
 from ..ops.attention import packed_positions, use_packed_attention
+from ..ops.gated_mlp import lean_gated_mlps
 from .checkpoint import Progress, rng_state, save_checkpoint
 from .distributed import DistContext, init_distributed
 from .evaluate import eval_loss, evaluate_adapter
@@ -65,6 +66,12 @@ class TrainResult:
     mfu: float = 0.0  # model FLOPs utilisation of the loop (lorakit.training.mfu)
     peak_flops: float = 0.0  # the matmul peak it is measured against (FLOP/s, this run's precision)
     before_label: str = "base"  # what ``before`` scored: base, or start (train.init_adapter as it started)
+
+
+def _matmul_peak(base: BaseSetup) -> float:
+    """The matmul FLOP/s of the precision the run computes in (bf16 when autocast is bf16)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(base.precision, torch.float32)
+    return matmul_peak_flops(dtype, base.device)
 
 
 @dataclass
@@ -146,9 +153,8 @@ def _setup(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
         echo(f"distributed: {ctx.world} processes, global batch {ctx.world} × {cfg.train.grad_accum} × "
              f"{cfg.train.batch_size} rows")
     schedule = plan.schedule
-    # measured before the model runs, while nothing else holds the cores (bf16 when autocast is bf16)
-    peak = matmul_peak_flops(torch.bfloat16 if base.precision == "bf16" else
-                             torch.float16 if base.precision == "fp16" else torch.float32, base.device)
+    # measured before the model runs, while nothing else holds the cores, and again after the loop
+    peak = _matmul_peak(base)
     plateau = PlateauTracker(cfg.train.rank_patience) if schedule is not None and schedule.steps is None else None
     progress, state = restore(plan, lm, ctx.world) if plan.resume_from else (Progress(0, 0, 0, 0.0), None)
     opt = make_optimization(cfg, lm, prepared, base, ctx.world)  # over the adapter as it is now
@@ -263,7 +269,7 @@ def _optimizer_step(run: Run, group: list[Batch]) -> tuple[float, float, dict[st
     totals = run.objective.totals(group)  # one mean over the whole optimizer step, all ranks
     step_loss, sums = 0.0, {}
     mine = ctx.shard(group)
-    with use_packed_attention(model) if run.cfg.data.packing else contextlib.nullcontext():
+    with use_packed_attention(model) if run.cfg.data.packing else contextlib.nullcontext(), lean_gated_mlps(model):
         for i, batch in enumerate(mine):
             ctx.gradient_sync(i == len(mine) - 1)  # FSDP: reduce-scatter once, on the last micro-batch
             batch = batch.to(run.base.device)
@@ -369,6 +375,8 @@ def _write_output(run: Run, folder: Path) -> None:
 def _finish(run: Run, t_begin: float) -> TrainResult:
     """The final checkpoint; on rank 0 the adapter folder, the final evaluation and its card."""
     tps, train_s = run.tokens_per_s(), time.perf_counter() - run.t_loop
+    # the better of two measurements (a shared machine's speed drifts): MFU is not flattered by a slow start
+    run.peak_flops = max(run.peak_flops, _matmul_peak(run.base))
     interrupted = run.stop is not None
     run.last_good = _write_checkpoint(run)
     out, progress, device = run.plan.out, run.progress, run.base.device

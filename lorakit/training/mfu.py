@@ -1,6 +1,6 @@
 """Model FLOPs utilisation of a training run: the matmul FLOPs a step must do per token,
-times tokens per second, over a large-matmul peak measured in the same process at start-up, in
-the precision the run computes in.
+times tokens per second, over a large-matmul peak measured in the same process (before and
+after the loop, the better of the two), in the precision the run computes in.
 
 Per token, every frozen linear layer of the decoder costs 2·W FLOPs forward and 2·W for the input
 gradient backward (no weight gradient): 4·W (2·W when no gradient reaches it: a freeze run's first
@@ -22,8 +22,9 @@ __all__ = ["matmul_peak_flops", "train_flops_per_token", "mfu"]
 def matmul_peak_flops(dtype: torch.dtype, device: torch.device | str = "cpu", n: int = 1024, reps: int = 6) -> float:
     """FLOP/s of an n×n×n matmul in ``dtype`` on ``device``, best of ``reps`` (after a warm-up)."""
     device = torch.device(device)
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    gen = torch.Generator().manual_seed(0)  # not torch's global generator: a run's random draws stay as they were
+    a = torch.randn(n, n, generator=gen).to(device, dtype)
+    b = torch.randn(n, n, generator=gen).to(device, dtype)
     best = float("inf")
     for i in range(reps + 1):
         if device.type == "cuda":

@@ -1,0 +1,57 @@
+"""The lean SwiGLU (lorakit.ops.gated_mlp): the model's outputs and gradients unchanged, one
+intermediate-wide tensor per block fewer kept for backward, the model's own forward back after."""
+
+import copy
+
+import torch
+
+from lorakit import LoraConfig, get_lora_model
+from lorakit.ops.gated_mlp import lean_gated_mlps, silu_mul
+
+from conftest import tiny_llama
+
+
+def test_silu_mul_gradients_equal_autograd():
+    torch.manual_seed(0)
+    g, u = torch.randn(5, 9, dtype=torch.float64, requires_grad=True), torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(silu_mul, (g, u))
+
+
+def _grads(model, ids, lean):
+    model.zero_grad(set_to_none=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        if lean:
+            with lean_gated_mlps(model) as n:
+                assert n == 2  # one per decoder block
+                logits = model(ids).logits
+        else:
+            logits = model(ids).logits
+    logits.square().mean().backward()
+    wide = {t.untyped_storage().data_ptr() for t in saved  # (batch, tokens, intermediate_size) activations
+            if t.dtype == torch.float32 and tuple(t.shape) == (*ids.shape, 128)}
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, len(wide)
+
+
+def test_outputs_and_gradients_unchanged_with_one_tensor_less_per_block():
+    torch.manual_seed(0)
+    lm = get_lora_model(tiny_llama(), LoraConfig(r=4, alpha=8, target_modules="all-linear", dropout=0.1))
+    for layer in lm.model.modules():
+        if hasattr(layer, "lora_B"):
+            torch.nn.init.normal_(layer.lora_B["default"], std=0.05)
+    lm.model.train()
+    ids = torch.randint(3, 90, (2, 10))
+    torch.manual_seed(1)
+    ref, ref_grads, ref_wide = _grads(lm.model, ids, lean=False)
+    torch.manual_seed(1)  # the same dropout masks
+    out, grads, wide = _grads(lm.model, ids, lean=True)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 28
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], atol=1e-6, rtol=1e-6)
+    assert (ref_wide, wide) == (8, 6)  # per block: gate, silu(gate), up, product -> gate, up, product
+    mlp = lm.model.model.layers[0].mlp
+    assert "forward" not in vars(mlp)  # the model's own forward afterwards
+    clone = copy.deepcopy(lm.model)
+    with lean_gated_mlps(clone):
+        assert clone.model.layers[0].mlp.forward.__self__ is clone.model.layers[0].mlp
