@@ -333,7 +333,7 @@ class LoraLinear(DoraLinear, LoraLayer):
             return super().add_lora_output(result, x, name)
         h = self.shared_input.hidden(x, name, self) if self.shared_input is not None else None
         if h is None:
-            p = dropout_probability(self, name)  # fused: the mask is recomputed in backward, not kept
+            p = dropout_probability(self, name)  # fused: backward keeps a 1-byte mask, not a dropped copy
             h = dropped_linear(x, A, p) if p else F.linear(to_adapter_dtype(x, A), A)  # (..., r)
         # addmm folds the scaling and the residual add into the B matmul: no extra (N, out) pass.
         out = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), B.t(), alpha=self.scaling[name])

@@ -156,9 +156,9 @@ def _activation_bytes_per_token(s: ModelShape, act_bytes: int, r: int, n_adapted
     product fed to down_proj (4·I; 3·I for a SiLU-gated MLP, whose SiLU lorakit.ops.gated_mlp
     recomputes in backward); each adapted projection's A·x (r). A frozen weight's matmul
     keeps no input. Measured on SmolLM2 (saved-tensor hooks, 1,024 tokens, fp32, dropout 0.05):
-    1,108 KB a token against this formula's 1,099 (1,003 + 96 of dropout masks). DoRA keeps each adapted projection's output before its rescaling too
-    (``dora_outs``: their output widths summed); adapter dropout its masks (``dropout_bytes`` a
-    layer). With checkpointing only each block's input is kept (h per layer), plus one block's
+    1,108 KB a token against this formula's 1,099 (1,003 + 96 of dropout masks). DoRA keeps each
+    adapted projection's output before its rescaling too (``dora_outs``: their output widths
+    summed); adapter dropout its masks (``dropout_bytes`` a layer). With checkpointing only each block's input is kept (h per layer), plus one block's
     activations while it is recomputed.
 
     In half precision the two RMSNorms of a block still compute in fp32 (transformers upcasts)
