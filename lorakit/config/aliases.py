@@ -28,7 +28,7 @@ def _report_to(value: Any) -> list[str]:
     """HF's report_to: "all" is every tracker lorakit logs to whose package is installed."""
     import importlib.util
 
-    from .sections import TRACKERS
+    from .choices import TRACKERS
 
     targets = [value] if isinstance(value, str) else list(value or [])
     if "all" in targets:

@@ -21,18 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import SHARED_INPUT_NAMES
 from .dropout import dropped_linear
 from .layers import LoraLinear, dropout_probability, to_adapter_dtype
 
 __all__ = ["SHARED_INPUT_NAMES", "SharedInputGroup", "link_shared_inputs"]
 
-# Child names that, within one parent module, are applied to the same input tensor.
-SHARED_INPUT_NAMES: tuple[frozenset[str], ...] = (
-    frozenset({"q_proj", "k_proj", "v_proj"}),  # Llama, Mistral, Qwen, Gemma, OPT, ...
-    frozenset({"gate_proj", "up_proj"}),  # gated MLPs
-    frozenset({"query", "key", "value"}),  # BERT-style
-    frozenset({"w1", "w3"}),  # SwiGLU written as w1/w2/w3
-)
 
 
 class SharedInputGroup:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..config import SHARED_INPUT_NAMES
 from ..errors import LorakitError
 
 __all__ = ["ModelShape", "shape_from_config", "Estimate", "estimate_memory", "parse_size", "ESTIMATE_METHODS",
@@ -25,7 +26,6 @@ BITS_NF4 = 4 + 32 / 64
 BITS_NF4_DOUBLE_QUANT = 4 + 8 / 64 + 32 / (64 * 256)
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 _OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "sgd": 0}  # state bytes per trainable parameter
-SHARED_INPUTS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})  # one input, one dropout mask
 LOSS_CHUNK = 1024  # positions per chunk of the label-only loss (lorakit.ops.loss)
 
 
@@ -142,7 +142,7 @@ def _dropout_bytes_per_layer(s: ModelShape, names: list[str], dora: bool, act_by
     keeps the dropped-out copy of each adapted projection's input."""
     if dora:
         return sum(s.linears[n][0] * (1 + act_bytes) for n in names)
-    inputs = {next((i for i, g in enumerate(SHARED_INPUTS) if n in g), n): s.linears[n][0] for n in names}
+    inputs = {next((i for i, g in enumerate(SHARED_INPUT_NAMES) if n in g), n): s.linears[n][0] for n in names}
     return sum(inputs.values())
 
 
