@@ -10,8 +10,9 @@ Here the mask is a counter-based hash of each element's index and a per-call see
 torch's CPU generator, so ``torch.manual_seed``, checkpoint resume and activation checkpointing
 reproduce it), computed with a few vectorised integer operations on whichever device x is on —
 every core takes part — about ten times faster than the Bernoulli draw. Backward keeps x itself,
-which the layer's caller keeps alive anyway, and the mask in one byte an element (≈ 98 KB a token
-on SmolLM2-135M, a seventh of nn.Dropout's). One 32-bit hash gives two
+which the layer's caller keeps alive anyway, and the seed: it recomputes the mask (one more hash
+pass, ~1 ms for a 512 × 1,536 input here) instead of keeping it (1 byte an element, ≈ 98 KB a
+token on SmolLM2-135M with nn.Dropout's ~750 KB). One 32-bit hash gives two
 elements' 16-bit draws, so the drop probability is rounded to a multiple of 1/65536 (0.05 ->
 3277/65536 = 0.050003); kept elements are scaled by 1/(1 - that probability), so the
 expectation is exactly x, as with ``nn.Dropout``.
@@ -70,8 +71,8 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int, device: 
 
 
 class _DroppedLinear(torch.autograd.Function):
-    """h = (keep ⊙ x)·Aᵀ·c, keeping x (alive anyway), A and the 1-byte mask for backward, not the
-    dropped-out copy of x."""
+    """h = (keep ⊙ x)·Aᵀ·c, keeping x (alive anyway), A and the seed for backward, which
+    recomputes the mask: neither the dropped-out copy of x nor the mask is kept."""
 
     @staticmethod
     def forward(ctx, x: Tensor, A: Tensor, p: float, seed: int, scale: float) -> Tensor:
@@ -80,15 +81,15 @@ class _DroppedLinear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             # a float mask and a multiply cost less than torch.where; the scale goes on the thin h
             h = F.linear(x.to(dtype) * keep.to(dtype), A.to(dtype)).mul_(scale)
-        ctx.save_for_backward(x, A, keep)
-        ctx.scale, ctx.dtype = scale, dtype
+        ctx.save_for_backward(x, A)
+        ctx.scale, ctx.dtype, ctx.p, ctx.seed = scale, dtype, p, seed
         return h
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, A, keep = ctx.saved_tensors
+        x, A = ctx.saved_tensors
         dtype = ctx.dtype
-        mask = keep.to(dtype)
+        mask = keep_mask(x.shape, ctx.p, ctx.seed, x.device).to(dtype)
         g = grad.to(dtype) * ctx.scale
         grad_x = grad_A = None
         if ctx.needs_input_grad[0]:
