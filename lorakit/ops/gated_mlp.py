@@ -1,11 +1,15 @@
-"""A gated MLP (Llama's down(silu(gate(x)) · up(x))) that keeps one (tokens × intermediate) tensor
-less for backward.
+"""A gated MLP (Llama's down(silu(gate(x)) · up(x))) that keeps two (tokens × intermediate)
+tensors less for backward.
 
 Run op by op, autograd keeps four intermediate-wide tensors per block: gate(x) for SiLU's
 backward, silu(gate(x)) and up(x) for the product's, and the product itself, which down_proj's
-adapter reads. ``silu_mul`` keeps gate(x) and up(x) and recomputes silu(gate(x)) in backward (one
-elementwise pass): on SmolLM2-135M that is 6 KB a token and layer in fp32, 180 KB a token of the
-1.3 MB a training step keeps. Same outputs and gradients (the same ops in the same order).
+adapter reads for its A gradient. ``silu_mul`` keeps gate(x) and up(x) and recomputes
+silu(gate(x)) in backward (one elementwise pass); and while down_proj runs, a saved-tensor hook
+replaces the product it keeps by a recipe (gate(x), up(x), already kept) that recomputes it
+when backward needs it. On SmolLM2-135M each is 6 KB a token and layer in fp32, 180 KB a token
+of the ~1.3 MB a training step kept. Same outputs and gradients (the same ops in the same order).
+Under activation checkpointing the recipe is left out (it would keep gate(x) and up(x) alive
+past the checkpoint).
 """
 
 from __future__ import annotations
@@ -49,8 +53,47 @@ def _is_silu(act: object) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
+class _Recipe:
+    """Stands in for a saved view of silu(gate)·up: recomputes it with the view's geometry."""
+
+    __slots__ = ("gate", "up", "size", "stride", "offset")
+
+    def __init__(self, gate: Tensor, up: Tensor, like: Tensor) -> None:
+        self.gate, self.up = gate, up
+        self.size, self.stride, self.offset = like.size(), like.stride(), like.storage_offset()
+
+    def __call__(self) -> Tensor:
+        product = F.silu(self.gate) * self.up
+        return product.as_strided(self.size, self.stride, self.offset)
+
+
+@contextmanager
+def _product_recomputed(product: Tensor, gate: Tensor, up: Tensor) -> Iterator[None]:
+    """Inside the block, whatever autograd saves of ``product``'s storage (in its own layout, or a
+    view of it) is kept as a recipe over gate and up instead."""
+    # not the tensor itself: autograd keeps the hooks with what they packed
+    storage, device, dtype = product.untyped_storage().data_ptr(), product.device, product.dtype
+
+    def pack(t: Tensor):
+        if t.device == device and t.dtype == dtype and t.untyped_storage().data_ptr() == storage:
+            return _Recipe(gate, up, t)
+        return t
+
+    def unpack(packed):
+        return packed() if isinstance(packed, _Recipe) else packed
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
 def _lean_forward(self, x: Tensor) -> Tensor:
-    return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    product = silu_mul(gate, up)
+    if not (product.requires_grad and product.is_contiguous() and gate.is_contiguous() and up.is_contiguous()) \
+            or getattr(self, "_lorakit_keep_product", False):
+        return self.down_proj(product)
+    with _product_recomputed(product, gate, up):
+        return self.down_proj(product)
 
 
 def _gated_mlps(model: nn.Module) -> list[nn.Module]:
@@ -61,14 +104,22 @@ def _gated_mlps(model: nn.Module) -> list[nn.Module]:
             and _is_silu(getattr(m, "act_fn", None)) and "forward" not in vars(m)]
 
 
+def _checkpointing(model: nn.Module) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
 @contextmanager
 def lean_gated_mlps(model: nn.Module) -> Iterator[int]:
-    """Inside the block, the model's SwiGLU MLPs run through ``silu_mul``; yields how many."""
+    """Inside the block, the model's SwiGLU MLPs run through ``silu_mul`` and down_proj's saved
+    input is recomputed (not under activation checkpointing); yields how many."""
     mlps = _gated_mlps(model)
+    keep_product = _checkpointing(model)
     for m in mlps:
         m.forward = types.MethodType(_lean_forward, m)
+        m._lorakit_keep_product = keep_product
     try:
         yield len(mlps)
     finally:
         for m in mlps:
             vars(m).pop("forward", None)
+            vars(m).pop("_lorakit_keep_product", None)
