@@ -33,6 +33,7 @@ from ..data.packing import Batch, batch_plan, collate, stream_plan
 from ..errors import LorakitError
 from ..ops.attention import packed_positions, use_packed_attention
 from ..ops.gated_mlp import lean_gated_mlps
+from ..ops.rms_norm import lean_rms_norms
 from .checkpoint import Progress, rng_state, save_checkpoint
 from .distributed import DistContext, init_distributed
 from .evaluate import eval_loss, evaluate_adapter
@@ -269,7 +270,8 @@ def _optimizer_step(run: Run, group: list[Batch]) -> tuple[float, float, dict[st
     totals = run.objective.totals(group)  # one mean over the whole optimizer step, all ranks
     step_loss, sums = 0.0, {}
     mine = ctx.shard(group)
-    with use_packed_attention(model) if run.cfg.data.packing else contextlib.nullcontext(), lean_gated_mlps(model):
+    with use_packed_attention(model) if run.cfg.data.packing else contextlib.nullcontext(), \
+            lean_gated_mlps(model), lean_rms_norms(model):
         for i, batch in enumerate(mine):
             ctx.gradient_sync(i == len(mine) - 1)  # FSDP: reduce-scatter once, on the last micro-batch
             batch = batch.to(run.base.device)
