@@ -107,12 +107,17 @@ def test_activation_and_loss_terms_by_hand():
                                          num_attention_heads=4, num_key_value_heads=2))
     e = estimate_memory(tiny, "lora", r=4, batch=1, seq=16)
     # per token and layer: block input + norm out (2h), q_rot + k + v + attention out (= o_proj's
-    # input) (2h + 2kv), residual + norm out (2h), gate/up/product (3I: silu is recomputed), A·x for
-    # 7 adapters (7r); fp32
-    per_token = (6 * 64 + 2 * 32 + 3 * 128 + 7 * 4) * 4 * 2
+    # input) (2h + 2kv), residual + norm out (2h), gate/up (2I: silu and the product are
+    # recomputed), A·x for 7 adapters (7r); fp32
+    per_token = (6 * 64 + 2 * 32 + 2 * 128 + 7 * 4) * 4 * 2
     assert e.components["activations"] == 16 * per_token
-    masks = estimate_memory(tiny, "lora", r=4, batch=1, seq=16, dropout=True)  # 1-byte masks: q/k/v, o, gate/up, down
-    assert masks.components["activations"] - e.components["activations"] == 16 * 2 * (64 + 64 + 64 + 128)
+    masks = estimate_memory(tiny, "lora", r=4, batch=1, seq=16, dropout=True)  # recomputed from a seed: nothing kept
+    assert masks.components["activations"] == e.components["activations"]
+    dora = estimate_memory(tiny, "lora", r=4, batch=1, seq=16, dropout=True, dora=True)  # nn.Dropout: mask + copy
+    dora0 = estimate_memory(tiny, "lora", r=4, batch=1, seq=16, dora=True)
+    assert dora.components["activations"] - dora0.components["activations"] == 16 * 2 * 5 * (6 * 64 + 128)
+    bf16 = estimate_memory(tiny, "lora", r=4, batch=1, seq=16, dtype="bf16")  # Llama norms: no fp32 copies
+    assert bf16.components["activations"] == 16 * per_token // 2
     # one chunk of fp32 logits (softmax in place) + the label positions' hidden and its gradient
     assert e.components["loss (chunked logits)"] == 16 * 96 * 4 + 2 * 16 * 64 * 4
     ck = estimate_memory(tiny, "lora", r=4, batch=1, seq=16, grad_ckpt=True)
@@ -135,12 +140,17 @@ def test_cli_estimate_auto_dtype_follows_what_train_picks(tiny_model_dir, capsys
     assert dtype("--device", "cuda") == "bf16"
 
 
-def test_half_precision_activations_count_the_fp32_norms():
+def test_half_precision_activations_count_fp32_norms_unless_llama_style():
+    import dataclasses
+
     s = shape_from_config(SMOL)
     e32 = estimate_memory(s, "lora", r=16, batch=1, seq=1000, dtype="fp32")
     e16 = estimate_memory(s, "lora", r=16, batch=1, seq=1000, dtype="bf16")
+    assert s.llama_norms and e16.components["activations"] == pytest.approx(e32.components["activations"] / 2)
+    other = dataclasses.replace(s, llama_norms=False)  # e.g. Gemma's 1 + weight norm, run by transformers
+    o16 = estimate_memory(other, "lora", r=16, batch=1, seq=1000, dtype="bf16")
     norms = 1000 * s.layers * 2 * 2 * s.hidden * 4  # two RMSNorms per layer keep 2h fp32 values per token each
-    assert e16.components["activations"] == pytest.approx(e32.components["activations"] / 2 + norms)
+    assert o16.components["activations"] == pytest.approx(e32.components["activations"] / 2 + norms)
 
 
 def test_dora_adds_one_magnitude_per_output_and_one_saved_output_per_projection():

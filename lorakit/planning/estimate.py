@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..config import SHARED_INPUT_NAMES
 from ..errors import LorakitError
 
 __all__ = ["ModelShape", "shape_from_config", "Estimate", "estimate_memory", "parse_size", "ESTIMATE_METHODS",
@@ -42,7 +41,8 @@ class ModelShape:
     kv_heads: int
     tie_embeddings: bool
     linears: dict[str, tuple[int, int]] = field(default_factory=dict)  # per layer: name -> (in, out)
-    silu_gated: bool = False  # gate_proj/up_proj with SiLU: lorakit.ops.gated_mlp keeps 3 wide tensors, not 4
+    silu_gated: bool = False  # gate_proj/up_proj with SiLU: lorakit.ops.gated_mlp keeps 2 wide tensors, not 4
+    llama_norms: bool = False  # Llama's RMSNorm: lorakit.ops.rms_norm keeps no fp32 copy in half precision
 
     @property
     def head_dim(self) -> int:
@@ -96,7 +96,8 @@ def shape_from_config(cfg: Any) -> ModelShape:
         lin = {"q_proj": (h, h), "k_proj": (h, kvd), "v_proj": (h, kvd), "o_proj": (h, h),
                "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
     silu = "gate_proj" in lin and getattr(cfg, "hidden_act", getattr(cfg, "hidden_activation", "silu")) in ("silu", "swish")
-    return ModelShape(mt, vocab, h, inter, layers, heads, kv, tie, lin, silu)
+    llama_norms = "gate_proj" in lin and not mt.startswith("gemma")  # Gemma's norm is 1 + weight
+    return ModelShape(mt, vocab, h, inter, layers, heads, kv, tie, lin, silu, llama_norms)
 
 
 def parse_size(text: str) -> float:
@@ -137,13 +138,12 @@ class Estimate:
 
 
 def _dropout_bytes_per_layer(s: ModelShape, names: list[str], dora: bool, act_bytes: int) -> int:
-    """Per token and layer, what adapter dropout keeps for backward: a 1-byte mask per distinct input
-    (q/k/v share one, gate/up one: lorakit.core.dropout); DoRA drops out with nn.Dropout, which also
-    keeps the dropped-out copy of each adapted projection's input."""
+    """Per token and layer, what adapter dropout keeps for backward: nothing for LoRA
+    (lorakit.core.dropout recomputes its mask from a seed); DoRA drops out with nn.Dropout, which
+    keeps a 1-byte mask and the dropped-out copy of each adapted projection's input."""
     if dora:
         return sum(s.linears[n][0] * (1 + act_bytes) for n in names)
-    inputs = {next((i for i, g in enumerate(SHARED_INPUT_NAMES) if n in g), n): s.linears[n][0] for n in names}
-    return sum(inputs.values())
+    return 0
 
 
 def _activation_bytes_per_token(s: ModelShape, act_bytes: int, r: int, n_adapted: int, grad_ckpt: bool,
@@ -151,23 +151,26 @@ def _activation_bytes_per_token(s: ModelShape, act_bytes: int, r: int, n_adapted
     """Bytes kept for backward per token, all layers, for a Llama-like block with a frozen base.
 
     Saved per layer and token (floats): the block input and the first norm's output (2h); the
-    rotated q, k and v, and the attention output, which is also o_proj's input (2h + 2·kv); the
-    residual sum and the second norm's output (2h); the MLP's gate, up, SiLU(gate) and the
-    product fed to down_proj (4·I; 3·I for a SiLU-gated MLP, whose SiLU lorakit.ops.gated_mlp
-    recomputes in backward); each adapted projection's A·x (r). A frozen weight's matmul
-    keeps no input. Measured on SmolLM2 (saved-tensor hooks, 1,024 tokens, fp32, dropout 0.05):
-    1,108 KB a token against this formula's 1,099 (1,003 + 96 of dropout masks). DoRA keeps each
+    rotated q, k and v, and the attention output, which is also o_proj's input (2h + 2·kv; one
+    tensor for both in packed rows too, lorakit.ops.attention); the residual sum and the second
+    norm's output (2h); the MLP's gate, up, SiLU(gate) and the product fed to down_proj (4·I; 2·I
+    for a SiLU-gated MLP, whose SiLU and product lorakit.ops.gated_mlp recomputes in backward);
+    each adapted projection's A·x (r). A frozen weight's matmul keeps no input, nor does a frozen
+    norm weight's multiply. Measured on SmolLM2 (saved-tensor hooks, one packed row of 1,024
+    tokens, fp32, dropout 0.05): 831 KB a token against this formula's 823. DoRA keeps each
     adapted projection's output before its rescaling too (``dora_outs``: their output widths
-    summed); adapter dropout its masks (``dropout_bytes`` a layer). With checkpointing only each block's input is kept (h per layer), plus one block's
-    activations while it is recomputed.
+    summed) and its dropout masks and copies (``dropout_bytes`` a layer). With checkpointing only
+    each block's input is kept (h per layer), plus one block's activations while it is recomputed.
 
-    In half precision the two RMSNorms of a block still compute in fp32 (transformers upcasts)
-    and keep their fp32 input and normalised product for backward: 2 × 2h fp32 values more per
-    layer (measured on SmolLM2 in bf16: the estimate was 18.5% low without them).
+    In half precision transformers' RMSNorms compute in fp32 and keep their fp32 input and
+    normalised product for backward: 2 × 2h fp32 values more per layer (measured on SmolLM2 in
+    bf16: the estimate was 18.5% low without them) — except Llama-style norms, which
+    lorakit.ops.rms_norm runs keeping only their (half-precision) input and rstd.
     """
-    mlp = (3 if s.silu_gated else 4) * s.intermediate
+    mlp = (2 if s.silu_gated else 4) * s.intermediate
     per_layer = 2 * s.hidden + (2 * s.hidden + 2 * s.kv_dim) + 2 * s.hidden + mlp + n_adapted * r + dora_outs
-    per_layer_bytes = act_bytes * per_layer + (0 if act_bytes >= 4 else 2 * 2 * s.hidden * 4) + dropout_bytes
+    fp32_norms = 0 if act_bytes >= 4 or s.llama_norms else 2 * 2 * s.hidden * 4
+    per_layer_bytes = act_bytes * per_layer + fp32_norms + dropout_bytes
     if grad_ckpt:
         return act_bytes * s.layers * s.hidden + per_layer_bytes
     return s.layers * per_layer_bytes
