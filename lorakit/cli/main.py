@@ -13,8 +13,12 @@ from typing import Sequence
 
 from .._version import __version__
 from ..errors import LorakitError
+from .allocator import restart_with_allocator, settle_restarted_process
 
 __all__ = ["main"]
+
+# commands whose process restarts itself under a reusing malloc (lorakit.cli.allocator)
+RESTARTED_UNDER_ALLOCATOR = ("train",)
 
 
 def _all_commands() -> dict:
@@ -63,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    settle_restarted_process()
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
@@ -81,6 +86,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     args.raw_argv = list(argv) if argv is not None else sys.argv[1:]
     try:
+        if args.command in RESTARTED_UNDER_ALLOCATOR and argv is None:  # a real process, not a call
+            restart_with_allocator(args.raw_argv)
         return _all_commands()[args.command][2](args)
     except LorakitError as err:
         print(f"lorakit {args.command}: error: {err}", file=sys.stderr)

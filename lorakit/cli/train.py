@@ -41,6 +41,13 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
+def _malloc_name() -> str:
+    """Which malloc serves the tensors (lorakit.cli.allocator: mimalloc unless turned off)."""
+    from .allocator import allocator_in_use
+
+    return allocator_in_use() or "the C library's"
+
+
 def _fit_memory(cfg, main_rank: bool):
     """Print tokens per step and the estimated peak against the available memory; make the run fit
     (lorakit.planning.fit) or stop here, before any data or weights are loaded. A resumed run keeps
@@ -71,7 +78,7 @@ def _fit_memory(cfg, main_rank: bool):
         micro = f"{budget:,} tokens" if budget else f"{t.batch_size} × {cfg.data.max_len} tokens"
         step = (budget or t.batch_size * cfg.data.max_len) * t.grad_accum
         print(f"memory: {micro} per micro-batch × {t.grad_accum} = up to {step:,} tokens per step; estimated peak "
-              f"{fit.estimate / 2**30:.2f} GiB of {available / 2**30:.2f} GiB available")
+              f"{fit.estimate / 2**30:.2f} GiB of {available / 2**30:.2f} GiB available; malloc: {_malloc_name()}")
         for change in fit.changes:
             print(f"memory: to fit, {change}")
     return cfg

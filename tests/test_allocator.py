@@ -1,0 +1,61 @@
+"""lorakit train under a reusing malloc (lorakit.cli.allocator): which library is chosen, a wrong
+choice refused with the variable named, the restarted process running under it and giving its
+own children the user's environment back."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorakit.cli import allocator
+from lorakit.cli.allocator import ALLOCATOR_ENV, allocator_library, settle_restarted_process
+from lorakit.errors import LorakitError
+
+from conftest import tiny_train_cmd
+
+linux_mimalloc = pytest.mark.skipif(allocator._bundled_mimalloc() is None, reason="the cmeel-mimalloc wheel is not installed")
+
+
+def test_the_choice_of_library(tmp_path):
+    assert allocator_library({ALLOCATOR_ENV: "system"}) is None
+    lib = tmp_path / "libjemalloc.so.2"
+    lib.write_bytes(b"\x7fELF")
+    assert allocator_library({ALLOCATOR_ENV: str(lib)}) == str(lib.resolve())
+    with pytest.raises(LorakitError, match=rf"{ALLOCATOR_ENV}=/no/such.so: no such file; .*'auto' or 'system'"):
+        allocator_library({ALLOCATOR_ENV: "/no/such.so"})
+    auto = allocator_library({})
+    if sys.platform.startswith("linux") and allocator._bundled_mimalloc():
+        assert Path(auto).name.startswith("libmimalloc.so") and Path(auto).is_file()
+
+
+def test_the_restarted_process_puts_the_environment_back(monkeypatch):
+    monkeypatch.setattr(allocator, "_IN_USE", [])
+    for previous, want in (("/opt/mine.so", "/opt/mine.so"), ("", None)):
+        monkeypatch.setenv("LD_PRELOAD", f"/x/libmimalloc.so:{previous}" if previous else "/x/libmimalloc.so")
+        monkeypatch.setenv("LORAKIT_ALLOCATOR_ACTIVE", "/x/libmimalloc.so")
+        monkeypatch.setenv("LORAKIT_ALLOCATOR_PREVIOUS_PRELOAD", previous)
+        monkeypatch.setenv("LORAKIT_ALLOCATOR_ADDED", "MIMALLOC_PURGE_DELAY")
+        monkeypatch.setenv("MIMALLOC_PURGE_DELAY", "-1")
+        settle_restarted_process()
+        assert os.environ.get("LD_PRELOAD") == want
+        assert not any(k.startswith("LORAKIT_ALLOCATOR_") or k == "MIMALLOC_PURGE_DELAY" for k in os.environ)
+        assert allocator.allocator_in_use() is None  # /x/libmimalloc.so is not mapped in this process
+
+
+@linux_mimalloc
+def test_a_training_process_runs_under_mimalloc_unless_told_otherwise(tiny_model_dir, tmp_path):
+    cmd, _ = tiny_train_cmd(tiny_model_dir, tmp_path, "--train.max_steps", "1")
+    env = {k: v for k, v in os.environ.items() if k != ALLOCATOR_ENV}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("memory: "))
+    assert line.endswith("malloc: libmimalloc.so"), line
+    off, _ = tiny_train_cmd(tiny_model_dir, tmp_path, "--train.max_steps", "1", "--out", str(tmp_path / "off"))
+    done = subprocess.run(off, capture_output=True, text=True, env={**env, ALLOCATOR_ENV: "system"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "malloc: the C library's" in done.stdout
+    bad = subprocess.run(off, capture_output=True, text=True, env={**env, ALLOCATOR_ENV: "/no/such.so"}, timeout=300)
+    assert bad.returncode == 2 and f"{ALLOCATOR_ENV}=/no/such.so: no such file" in bad.stderr
+    assert "Traceback" not in bad.stderr
