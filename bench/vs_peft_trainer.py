@@ -169,10 +169,16 @@ KINDS = {
 }
 
 
+PEER_MALLOC = ""  # --peer-malloc: the peer's processes under this malloc library too
+
+
 def run_worker(kind: str, data: tuple[Path, Path], steps: int, max_len: int, out: Path, batch_tokens: int = 0) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--train-file", str(data[0]), "--val-file", str(data[1]),
            "--steps", str(steps), "--max-len", str(max_len), "--out", str(out), "--batch-tokens", str(batch_tokens)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    env = None
+    if PEER_MALLOC and not kind.startswith("lorakit"):  # lorakit train picks its own (lorakit.cli.allocator)
+        env = {**os.environ, "LD_PRELOAD": PEER_MALLOC, "MIMALLOC_PURGE_DELAY": "-1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -191,7 +197,13 @@ def main() -> None:
     ap.add_argument("--equal-tokens", action="store_true",
                     help="instead: lorakit packed into rows of the peer's tokens per step, against PEFT + Trainer "
                          "padding-free bf16, at dropout 0 and 0.05")
+    ap.add_argument("--peer-malloc", default="", metavar="LIB",
+                    help="run the PEFT + Trainer processes with this malloc library in LD_PRELOAD (e.g. the "
+                         "libmimalloc.so lorakit train uses: python -c 'from lorakit.cli.allocator import "
+                         "allocator_library as a; print(a())')")
     args = ap.parse_args()
+    global PEER_MALLOC
+    PEER_MALLOC = args.peer_malloc
     if args.worker:
         import resource
 
