@@ -247,3 +247,12 @@ def test_the_matmul_peak_leaves_the_global_generator_alone():
     torch.manual_seed(5)
     assert matmul_peak_flops(torch.float32, n=64, reps=1) > 0
     assert torch.equal(torch.rand(3), want)  # measured before and after the loop: resume stays exact
+
+
+def test_a_slow_matmul_peak_shrinks_to_its_time_budget():
+    from lorakit.training.mfu import _shrunk_size, matmul_peak_flops
+
+    assert _shrunk_size(1024, 0.015, 6, 1.0) == 1024  # fp32 here: 15 ms a matmul, kept
+    assert _shrunk_size(1024, 2.0, 6, 1.0) == 447  # emulated bf16: 1024·(1/12)^(1/3)
+    assert _shrunk_size(1024, 1e6, 6, 1.0) == 128 and _shrunk_size(100, 5.0, 6, 1.0) == 100
+    assert matmul_peak_flops(torch.float32, n=256, reps=2, budget_s=1e-9) > 0  # measured at n=128

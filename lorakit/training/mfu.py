@@ -19,22 +19,44 @@ from ..core.inject import linear_types
 __all__ = ["matmul_peak_flops", "train_flops_per_token", "mfu"]
 
 
-def matmul_peak_flops(dtype: torch.dtype, device: torch.device | str = "cpu", n: int = 1024, reps: int = 6) -> float:
-    """FLOP/s of an n×n×n matmul in ``dtype`` on ``device``, best of ``reps`` (after a warm-up)."""
+def _shrunk_size(n: int, seconds: float, reps: int, budget_s: float, smallest: int = 128) -> int:
+    """The matmul size whose ``reps`` repetitions fit in ``budget_s``, given one of size ``n`` took
+    ``seconds`` (time grows as n³); ``n`` itself when it fits, never below ``smallest``."""
+    if seconds * reps <= budget_s or n <= smallest:
+        return n
+    return max(smallest, int(n * (budget_s / (seconds * reps)) ** (1 / 3)))
+
+
+def matmul_peak_flops(dtype: torch.dtype, device: torch.device | str = "cpu", n: int = 1024, reps: int = 6,
+                      budget_s: float = 1.0) -> float:
+    """FLOP/s of an n×n×n matmul in ``dtype`` on ``device``, best of ``reps`` (after a warm-up).
+    Where one matmul is slow (bf16 emulated on a CPU without it: ~1 GFLOP/s, 2 s for n=1024) the
+    size shrinks so the measurement takes about ``budget_s``."""
     device = torch.device(device)
     gen = torch.Generator().manual_seed(0)  # not torch's global generator: a run's random draws stay as they were
-    a = torch.randn(n, n, generator=gen).to(device, dtype)
-    b = torch.randn(n, n, generator=gen).to(device, dtype)
-    best = float("inf")
-    for i in range(reps + 1):
+
+    def operands(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.randn(size, size, generator=gen).to(device, dtype),
+                torch.randn(size, size, generator=gen).to(device, dtype))
+
+    def timed(a: torch.Tensor, b: torch.Tensor) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t = time.perf_counter()
         a @ b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if i:  # the first is the warm-up
-            best = min(best, time.perf_counter() - t)
+        return time.perf_counter() - t
+
+    a, b = operands(n)
+    first = timed(a, b)  # the warm-up; on CUDA it includes library initialisation, so time another
+    if device.type != "cpu":
+        first = timed(a, b)
+    size = _shrunk_size(n, first, reps, budget_s)
+    if size != n:
+        n, (a, b) = size, operands(size)
+        timed(a, b)  # its warm-up
+    best = min(timed(a, b) for _ in range(reps))
     return 2 * n ** 3 / max(best, 1e-12)
 
 
