@@ -48,9 +48,14 @@ def document_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
 CPU_BF16_UPCAST_BELOW = 384
 
 
+def _short_bf16_on_cpu(t: Tensor, length: int) -> bool:
+    """Whether a document of ``length`` tokens is attended to in fp32 (see above)."""
+    return t.dtype == torch.bfloat16 and t.device.type == "cpu" and length < CPU_BF16_UPCAST_BELOW
+
+
 def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float, scale: float | None,
           gqa: bool) -> torch.Tensor:
-    if query.dtype == torch.bfloat16 and query.device.type == "cpu" and query.shape[2] < CPU_BF16_UPCAST_BELOW:
+    if _short_bf16_on_cpu(query, query.shape[2]):
         with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs straight back to bf16
             out = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), dropout_p=dropout_p,
                                                  scale=scale, is_causal=True, enable_gqa=gqa)
@@ -59,8 +64,8 @@ def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p
                                           enable_gqa=gqa)
 
 
-def _upcast(t: Tensor, short: bool) -> Tensor:
-    return t.float() if short and t.dtype == torch.bfloat16 else t
+def _upcast(t: Tensor, length: int) -> Tensor:
+    return t.float() if _short_bf16_on_cpu(t, length) else t
 
 
 class _DocumentAttention(torch.autograd.Function):
@@ -73,8 +78,7 @@ class _DocumentAttention(torch.autograd.Function):
         out = query.new_empty(B, T, Hq, D)
         lses = []
         for b, s, e in spans:  # (the flash kernels are not autocast ops: inputs run in their own dtype)
-            short = e - s < CPU_BF16_UPCAST_BELOW  # as _sdpa: short bf16 documents in fp32
-            q, k, v = (_upcast(t[b:b + 1, :, s:e], short) for t in (query, key, value))
+            q, k, v = (_upcast(t[b:b + 1, :, s:e], e - s) for t in (query, key, value))  # as _sdpa
             o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
             out[b:b + 1, s:e].copy_(o.transpose(1, 2))
             lses.append(lse)
@@ -87,9 +91,8 @@ class _DocumentAttention(torch.autograd.Function):
         query, key, value, out, *lses = ctx.saved_tensors
         grads = [torch.zeros_like(t) for t in (query, key, value)]
         for (b, s, e), lse in zip(ctx.spans, lses):
-            short = e - s < CPU_BF16_UPCAST_BELOW
-            q, k, v = (_upcast(t[b:b + 1, :, s:e], short) for t in (query, key, value))
-            o, g = (_upcast(t[b:b + 1, s:e].transpose(1, 2), short) for t in (out, grad))
+            q, k, v = (_upcast(t[b:b + 1, :, s:e], e - s) for t in (query, key, value))
+            o, g = (_upcast(t[b:b + 1, s:e].transpose(1, 2), e - s) for t in (out, grad))
             parts = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 g, q, k, v, o, lse, 0.0, True, scale=ctx.scale)
             for whole, part in zip(grads, parts):

@@ -1,12 +1,12 @@
 """An RMSNorm (Llama's weight · x / rms(x)) that keeps its input, not its normalised output, for
 backward.
 
-Run op by op, autograd keeps the input x and the normalised x·rstd for the final multiply by the
-weight: two hidden-wide tensors per norm, two norms per block (4.6 KB a token and layer in fp32
-on SmolLM2-135M, 138 KB a token of the ~1.1 MB a training step keeps). ``rms_norm`` keeps x and
-the per-row rstd and recomputes x·rstd in backward (one elementwise pass). The forward runs the
-same operations in the same order as transformers' LlamaRMSNorm, so its output is identical;
-gradients agree to rounding.
+Run op by op, autograd keeps x and rstd, and more where it has to: in half precision the fp32
+upcast of x (transformers computes the norm in fp32), and when the norm's weight trains, the
+normalised x·rstd for the weight's gradient. ``rms_norm`` keeps x (in its own dtype) and the
+per-row rstd in every case and recomputes x·rstd in backward (one elementwise pass); in fp32 with
+a frozen weight that is what autograd kept anyway. The forward runs the same operations in the
+same order as transformers' LlamaRMSNorm, so its output is identical; gradients agree to rounding.
 """
 
 from __future__ import annotations
@@ -62,11 +62,9 @@ def _lean_forward(self, hidden_states: Tensor) -> Tensor:
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
-def _reference_code() -> types.CodeType | None:
-    try:
-        from transformers.models.llama.modeling_llama import LlamaRMSNorm
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return None
+def _reference_code() -> types.CodeType:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
     return LlamaRMSNorm.forward.__code__
 
 
@@ -78,8 +76,6 @@ def _llama_norms(model: nn.Module) -> list[nn.Module]:
     """transformers' RMSNorms whose forward is exactly LlamaRMSNorm's (Llama, Mistral, Qwen2 and the
     other "copied from Llama" norms; not Gemma's 1 + weight), left as the class defines them."""
     ref = _reference_code()
-    if ref is None:
-        return []
     found = []
     for m in model.modules():
         fwd = getattr(type(m).forward, "__code__", None)
