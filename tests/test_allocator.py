@@ -31,7 +31,7 @@ def test_the_choice_of_library(tmp_path):
 
 
 def test_the_restarted_process_puts_the_environment_back(monkeypatch):
-    monkeypatch.setattr(allocator, "_IN_USE", [])
+    monkeypatch.setattr(allocator, "_STATE", {"restarted": False, "in_use": None})
     for previous, want in (("/opt/mine.so", "/opt/mine.so"), ("", None)):
         monkeypatch.setenv("LD_PRELOAD", f"/x/libmimalloc.so:{previous}" if previous else "/x/libmimalloc.so")
         monkeypatch.setenv("LORAKIT_ALLOCATOR_ACTIVE", "/x/libmimalloc.so")
@@ -42,6 +42,18 @@ def test_the_restarted_process_puts_the_environment_back(monkeypatch):
         assert os.environ.get("LD_PRELOAD") == want
         assert not any(k.startswith("LORAKIT_ALLOCATOR_") or k == "MIMALLOC_PURGE_DELAY" for k in os.environ)
         assert allocator.allocator_in_use() is None  # /x/libmimalloc.so is not mapped in this process
+        assert allocator._STATE["restarted"]  # so it does not restart again
+
+
+def test_a_file_the_loader_refuses_runs_once_with_the_c_library(tmp_path):
+    bogus = tmp_path / "notalib.so"
+    bogus.write_text("not a shared library\n")
+    env = {**os.environ, ALLOCATOR_ENV: str(bogus)}
+    done = subprocess.run([sys.executable, "-m", "lorakit", "train", "--data", str(tmp_path / "none.jsonl")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "none.jsonl" in done.stderr  # the run's own error, after one restart
+    assert f"warning: {ALLOCATOR_ENV}: {bogus} could not be preloaded" in done.stderr
+    assert done.stderr.count("cannot be preloaded") == 1  # the loader's message, once: no restart loop
 
 
 @linux_mimalloc

@@ -75,7 +75,7 @@ def allocator_library(environ: dict | None = None) -> str | None:
 def restart_with_allocator(argv: Sequence[str]) -> None:
     """Replace this process by ``python -m lorakit <argv>`` under the chosen allocator; returns
     (doing nothing) when none applies or this already is the restarted process."""
-    if os.environ.get(_ACTIVE) is not None or _IN_USE:
+    if os.environ.get(_ACTIVE) is not None or _STATE["restarted"]:
         return
     lib = allocator_library()
     if lib is None:
@@ -91,7 +91,9 @@ def restart_with_allocator(argv: Sequence[str]) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "lorakit", *argv], env)
 
 
-_IN_USE: list[str] = []  # in the restarted process: the library's file name
+# in the restarted process: restarted (even where the loader refused the library: no second
+# restart), and the library's file name when it is loaded
+_STATE: dict = {"restarted": False, "in_use": None}
 
 
 def settle_restarted_process() -> None:
@@ -107,13 +109,17 @@ def settle_restarted_process() -> None:
         os.environ["LD_PRELOAD"] = previous
     else:
         os.environ.pop("LD_PRELOAD", None)
+    _STATE["restarted"] = True
     if _loaded(lib):
-        _IN_USE[:] = [Path(lib).name]
+        _STATE["in_use"] = Path(lib).name
+    else:
+        print(f"warning: {ALLOCATOR_ENV}: {lib} could not be preloaded; running with the C library's malloc",
+              file=sys.stderr)
 
 
 def allocator_in_use() -> str | None:
     """The malloc library this process runs under (its file name), None for the C library's."""
-    return _IN_USE[0] if _IN_USE else None
+    return _STATE["in_use"]
 
 
 def _loaded(lib: str) -> bool:
