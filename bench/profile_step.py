@@ -3,21 +3,24 @@ matmuls, LoRA matmuls, the head and loss, attention, norms/activations/rotary an
 work, dropout, the optimizer, casts and copies, and what no operator accounts for (Python and
 framework overhead). Not a test: prints one table per setting.
 
-    .venv/bin/python bench/profile_step.py [--steps 3] [--warmup 2] [--settings packed-bf16,packed-fp32,unpacked-bf16,unpacked-fp32]
+    .venv/bin/python bench/profile_step.py [--steps 3] [--warmup 2] [--settings packed-bf16,packed-fp32,unpacked-bf16,unpacked-fp32] [--top N]
 
-It runs the real ``lorakit train`` (``lorakit.training.loop.train``) and profiles whole optimizer
-steps after a warm-up with ``torch.profiler``: every operator's own (self) time is charged to the
-innermost named region it runs in (the chunked loss, attention, the optimizer, dropout) or else to
-its kind (a matmul is frozen, LoRA or head by its shapes). "not in any operator" = wall time of the
-step minus the operators' self time. The matmul rows also give their FLOP/s against a large-matmul
-peak measured in this process, in the precision the run uses. Profiling adds some overhead of its
-own: the wall time per step is printed without and with the profiler.
+It runs the real ``lorakit train`` (``lorakit.training.loop.train``) under the malloc it uses
+(restarting itself under mimalloc on Linux as ``lorakit train`` does; ``LORAKIT_ALLOCATOR=system``
+keeps glibc's) and profiles whole optimizer steps after a warm-up with ``torch.profiler``: every
+operator's own (self) time is charged to the innermost named region it runs in (the chunked loss,
+attention, the optimizer, dropout) or else to its kind (a matmul is frozen, LoRA or head by its
+shapes). "not in any operator" = wall time of the step minus the operators' self time. The matmul
+rows also give their FLOP/s against a large-matmul peak measured in this process, in the precision
+the run uses. Profiling adds some overhead of its own: the wall time per step is printed without
+and with the profiler.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from collections import defaultdict
 
@@ -68,8 +71,9 @@ def _flops(shapes: list) -> float:
     return 0.0
 
 
-def charge(events, r: int, vocab: int) -> tuple[dict[str, float], dict[str, float], float]:
-    """(seconds per category, matmul FLOPs per category, total self seconds) of profiler events."""
+def charge(events, r: int, vocab: int, ops: dict | None = None) -> tuple[dict[str, float], dict[str, float], float]:
+    """(seconds per category, matmul FLOPs per category, total self seconds) of profiler events;
+    ``ops`` (when given) collects [seconds, calls] per (category, operator)."""
     seconds, flops, total = defaultdict(float), defaultdict(float), 0.0
     for ev in events:
         if ev.device_type.name != "CPU" or not ev.name.startswith("aten::"):
@@ -84,12 +88,16 @@ def charge(events, r: int, vocab: int) -> tuple[dict[str, float], dict[str, floa
         s = ev.self_cpu_time_total / 1e6
         seconds[cat] += s
         total += s
+        if ops is not None:
+            slot = ops.setdefault((cat, ev.name), [0.0, 0])
+            slot[0] += s
+            slot[1] += 1
         if ev.name in MATMULS and cat in ("frozen matmuls", "LoRA matmuls", "head + loss"):
             flops[cat] += _flops(shapes)
     return seconds, flops, total
 
 
-def profile_setting(name: str, steps: int, warmup: int, out_root: str) -> None:
+def profile_setting(name: str, steps: int, warmup: int, out_root: str, top: int = 0) -> None:
     import lorakit.training.loop as loop
     from lorakit.config import run_config_from_dict
     from lorakit.data.demo import DEMO_OVERRIDES
@@ -124,9 +132,9 @@ def profile_setting(name: str, steps: int, warmup: int, out_root: str) -> None:
     finally:
         loop._optimizer_step = real_step
     wall, tokens = sum(record["profiled"]), sum(record["tokens"])
-    seconds, flops, in_ops = defaultdict(float), defaultdict(float), 0.0
+    seconds, flops, in_ops, ops = defaultdict(float), defaultdict(float), 0.0, {}
     for events in record["events"]:
-        s, f, t = charge(events, cfg.lora.r, 49152)
+        s, f, t = charge(events, cfg.lora.r, 49152, ops)
         in_ops += t
         for k in s:
             seconds[k] += s[k]
@@ -144,20 +152,30 @@ def profile_setting(name: str, steps: int, warmup: int, out_root: str) -> None:
     for cat, s in sorted(seconds.items(), key=lambda kv: -kv[1]):
         rate = f"{flops[cat] / s / 1e9:.0f} ({100 * flops[cat] / s / peak:.0f}%)" if flops.get(cat) and s > 0 else ""
         print(f"| {cat} | {100 * s / wall:.1f}% | {1e3 * s / steps:.0f} | {rate} |")
+    if top:
+        print(f"\nTop {top} operators by self time (ms/step, calls/step):")
+        for (cat, op), (s, n) in sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]:
+            print(f"  {1e3 * s / steps:7.1f}  {n // steps:5d}  {op}  [{cat}]")
 
 
 def main() -> None:
+    # the allocator `lorakit train` runs under (mimalloc on Linux; LORAKIT_ALLOCATOR=system for glibc's)
+    from lorakit.cli.allocator import allocator_in_use, restart_with_allocator, settle_restarted_process
+
+    restart_with_allocator(sys.argv[1:], program=[os.path.abspath(__file__)])
+    settle_restarted_process()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=3, help="profiled optimizer steps per setting")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--out", default="/tmp/lorakit-profile-runs")
+    ap.add_argument("--top", type=int, default=0, help="also list the N operators with the most self time")
     args = ap.parse_args()
     os.environ.pop("LORAKIT_CPU_BF16", None)
     print(f"# SmolLM2-135M, demo data, r=16 all-linear, dropout 0; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, malloc: {allocator_in_use() or 'the C library'}")
     for name in args.settings.split(","):
-        profile_setting(name.strip(), args.steps, args.warmup, args.out)
+        profile_setting(name.strip(), args.steps, args.warmup, args.out, args.top)
 
 
 if __name__ == "__main__":

@@ -71,3 +71,23 @@ def test_a_training_process_runs_under_mimalloc_unless_told_otherwise(tiny_model
     bad = subprocess.run(off, capture_output=True, text=True, env={**env, ALLOCATOR_ENV: "/no/such.so"}, timeout=300)
     assert bad.returncode == 2 and f"{ALLOCATOR_ENV}=/no/such.so: no such file" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@linux_mimalloc
+def test_a_script_restarts_itself_with_its_own_arguments(tmp_path):
+    """What the benchmarks do to run under the allocator `lorakit train` uses."""
+    script = tmp_path / "bench_like.py"
+    script.write_text("import sys\n"
+                      "from lorakit.cli.allocator import allocator_in_use, restart_with_allocator, settle_restarted_process\n"
+                      "restart_with_allocator(sys.argv[1:], program=[__file__])\n"
+                      "settle_restarted_process()\n"
+                      "import os\n"
+                      "print(allocator_in_use(), sys.argv[1:], os.environ.get('LD_PRELOAD'))\n")
+    env = {k: v for k, v in os.environ.items() if k not in (ALLOCATOR_ENV, "LD_PRELOAD")}
+    done = subprocess.run([sys.executable, str(script), "--steps", "3"], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["libmimalloc.so", "['--steps',", "'3']", "None"]
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env={**env, ALLOCATOR_ENV: "system"}, timeout=60)
+    assert done.stdout.split() == ["None", "[]", "None"]

@@ -72,9 +72,10 @@ def allocator_library(environ: dict | None = None) -> str | None:
     return _bundled_mimalloc()
 
 
-def restart_with_allocator(argv: Sequence[str]) -> None:
-    """Replace this process by ``python -m lorakit <argv>`` under the chosen allocator; returns
-    (doing nothing) when none applies or this already is the restarted process."""
+def restart_with_allocator(argv: Sequence[str], program: Sequence[str] = ("-m", "lorakit")) -> None:
+    """Replace this process by ``python <program> <argv>`` (``python -m lorakit`` unless told, e.g.
+    a benchmark script's path) under the chosen allocator; returns (doing nothing) when none
+    applies or this already is the restarted process."""
     if os.environ.get(_ACTIVE) is not None or _STATE["restarted"]:
         return
     lib = allocator_library()
@@ -88,7 +89,7 @@ def restart_with_allocator(argv: Sequence[str]) -> None:
                 "LD_PRELOAD": f"{lib}:{previous}" if previous else lib})
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "lorakit", *argv], env)
+    os.execve(sys.executable, [sys.executable, *program, *argv], env)
 
 
 # in the restarted process: restarted (even where the loader refused the library: no second

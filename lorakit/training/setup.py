@@ -23,6 +23,7 @@ from ..core.lora_model import LoraModel, get_lora_model
 from ..core.peft_format import find_adapter_folder, read_adapter_config
 from ..core.start import drop_all as drop_start_factors
 from ..data.dataset import Prepared
+from ..data.formats import data_files
 from ..data.packing import batch_plan, make_batches
 from ..errors import LorakitError
 from ..quant.bnb import prepare_for_kbit_training, quant_summary
@@ -90,6 +91,9 @@ def _check_fsdp(cfg: RunConfig, ctx: DistContext, resume_from: Path | None, sche
 def check_run(cfg: RunConfig, ctx: DistContext) -> RunPlan:
     """Validate the run folder, the checkpoint to resume and the options that exclude each other;
     then fix the threads and seeds. Nothing is loaded or written yet."""
+    for paths in (cfg.data.path, cfg.data.eval_path):  # a missing data file fails before the model loads
+        if paths is not None:
+            data_files(paths)
     t_cfg, out = cfg.train, Path(cfg.train.out_dir)
     if not t_cfg.resume and out.exists() and any(out.iterdir()) and not t_cfg.overwrite:
         raise LorakitError(f"{out} already holds a run; pass --train.overwrite true to replace it, "
