@@ -5,7 +5,8 @@
 Each configuration runs in its own process: baseline RSS after imports, then the model is built
 (loaded for SmolLM2; quantized for QLoRA), wrapped, and the peak-RSS mark is reset
 (/proc/self/clear_refs), so loading's transient copies do not count; then two optimizer steps run
-on batch × seq tokens (all labels); measured = peak RSS of the steps − baseline. The estimate
+on batch × seq tokens (all labels), inside the contexts lorakit's training loop runs a step in
+(its lean SwiGLU MLPs and RMSNorms); measured = peak RSS of the steps − baseline. The estimate
 comes from lorakit.planning.estimate with the same settings (framework overhead excluded: the baseline
 already holds it).
 """
@@ -98,10 +99,13 @@ gc.collect()
 ctypes.CDLL("libc.so.6").malloc_trim(0)
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset VmHWM to the current RSS: the peak of loading is not the peak of training
+from lorakit.ops.gated_mlp import lean_gated_mlps
+from lorakit.ops.rms_norm import lean_rms_norms
 for _ in range(2):
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-        s, n = causal_lm_loss_sum(model, ids, ids)
-    (s / n).backward()
+    with lean_gated_mlps(model), lean_rms_norms(model):  # as lorakit.training.loop runs a step
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            s, n = causal_lm_loss_sum(model, ids, ids)
+        (s / n).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 peak = status("VmHWM")

@@ -82,3 +82,47 @@ def test_only_llama_style_norms_switch_and_a_model_trains_the_same():
     assert grads[0][0] == grads[1][0]
     for k, ref in grads[0][1].items():
         torch.testing.assert_close(grads[1][1][k], ref, atol=1e-5, rtol=1e-4)
+
+
+def test_adapters_keep_a_recipe_not_the_normalised_output_and_gradients_are_bit_identical(monkeypatch):
+    import gc
+    import weakref
+
+    import lorakit.ops.rms_norm as rms
+
+    from lorakit import LoraConfig, get_lora_model
+
+    torch.manual_seed(0)
+    lm = get_lora_model(tiny_llama(), LoraConfig(r=4, alpha=8, target_modules="all-linear", dropout=0.1))
+    for layer in lm.model.modules():
+        if hasattr(layer, "lora_B"):
+            torch.nn.init.normal_(layer.lora_B["default"], std=0.05)
+    lm.model.train()
+    ids = torch.randint(3, 90, (2, 12))
+    layer_norms = [(name, m) for name, m in lm.model.named_modules() if name.endswith("layernorm")]
+    assert len(layer_norms) == 4  # input and post-attention norms of 2 blocks
+
+    def run(recipes: bool):
+        monkeypatch.setattr(rms, "activation_checkpointing", lambda model: not recipes)
+        outputs = []
+        handles = [m.register_forward_hook(lambda m, i, o, name=name: outputs.append((name, weakref.ref(o))))
+                   for name, m in layer_norms]
+        lm.model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout masks
+        with lean_rms_norms(lm.model):
+            loss = lm.model(ids, labels=ids).loss
+            gc.collect()
+            alive = [name for name, r in outputs if r() is not None]
+            loss.backward()
+        for h in handles:
+            h.remove()
+        return loss.item(), {k: p.grad.clone() for k, p in lm.model.named_parameters() if p.grad is not None}, alive
+
+    kept_loss, kept_grads, kept_alive = run(recipes=False)
+    loss, grads, alive = run(recipes=True)
+    # the adapters' A gradients kept the outputs; now only the first norm's, whose input (the frozen
+    # embedding's output) needs no gradient, so that nothing else keeps it and a recipe would save nothing
+    assert len(kept_alive) == 4 and alive == ["model.layers.0.input_layernorm"]
+    assert loss == kept_loss and grads.keys() == kept_grads.keys() and len(grads) == 28
+    for k in grads:
+        assert torch.equal(grads[k], kept_grads[k]), k  # the recomputed output is the same bits

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .recompute import Recipe, activation_checkpointing, unpack
+
 __all__ = ["silu_mul", "lean_gated_mlps"]
 
 
@@ -53,20 +55,6 @@ def _is_silu(act: object) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
-class _Recipe:
-    """Stands in for a saved view of silu(gate)·up: recomputes it with the view's geometry."""
-
-    __slots__ = ("gate", "up", "size", "stride", "offset")
-
-    def __init__(self, gate: Tensor, up: Tensor, like: Tensor) -> None:
-        self.gate, self.up = gate, up
-        self.size, self.stride, self.offset = like.size(), like.stride(), like.storage_offset()
-
-    def __call__(self) -> Tensor:
-        product = F.silu(self.gate) * self.up
-        return product.as_strided(self.size, self.stride, self.offset)
-
-
 @contextmanager
 def _product_recomputed(product: Tensor, gate: Tensor, up: Tensor) -> Iterator[None]:
     """Inside the block, whatever autograd saves of ``product``'s storage (in its own layout, or a
@@ -76,11 +64,8 @@ def _product_recomputed(product: Tensor, gate: Tensor, up: Tensor) -> Iterator[N
 
     def pack(t: Tensor):
         if t.device == device and t.dtype == dtype and t.untyped_storage().data_ptr() == storage:
-            return _Recipe(gate, up, t)
+            return Recipe(lambda: F.silu(gate) * up, t)
         return t
-
-    def unpack(packed):
-        return packed() if isinstance(packed, _Recipe) else packed
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield
@@ -104,16 +89,12 @@ def _gated_mlps(model: nn.Module) -> list[nn.Module]:
             and _is_silu(getattr(m, "act_fn", None)) and "forward" not in vars(m)]
 
 
-def _checkpointing(model: nn.Module) -> bool:
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-
-
 @contextmanager
 def lean_gated_mlps(model: nn.Module) -> Iterator[int]:
     """Inside the block, the model's SwiGLU MLPs run through ``silu_mul`` and down_proj's saved
     input is recomputed (not under activation checkpointing); yields how many."""
     mlps = _gated_mlps(model)
-    keep_product = _checkpointing(model)
+    keep_product = activation_checkpointing(model)
     for m in mlps:
         m.forward = types.MethodType(_lean_forward, m)
         m._lorakit_keep_product = keep_product

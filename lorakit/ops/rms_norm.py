@@ -1,5 +1,5 @@
 """An RMSNorm (Llama's weight · x / rms(x)) that keeps its input, not its normalised output, for
-backward.
+backward — and, in training, has its output recomputed for the layers that read it.
 
 Run op by op, autograd keeps x and rstd, and more where it has to: in half precision the fp32
 upcast of x (transformers computes the norm in fp32), and when the norm's weight trains, the
@@ -7,16 +7,23 @@ normalised x·rstd for the weight's gradient. ``rms_norm`` keeps x (in its own d
 per-row rstd in every case and recomputes x·rstd in backward (one elementwise pass); in fp32 with
 a frozen weight that is what autograd kept anyway. The forward runs the same operations in the
 same order as transformers' LlamaRMSNorm, so its output is identical; gradients agree to rounding.
+
+The normalised output is what the adapters of the projections after it (q/k/v, gate/up) keep for
+their A gradients: one (tokens × hidden) tensor per norm, 2 of the ~14 a decoder layer keeps. Inside
+``lean_rms_norms`` a saved-tensor hook keeps a recipe over x, weight and rstd instead (kept anyway
+by the norm's backward) and recomputes the output, bit for bit, when backward reaches it.
 """
 
 from __future__ import annotations
 
 import types
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 import torch
 from torch import Tensor, nn
+
+from .recompute import Recipe, activation_checkpointing, unpack
 
 __all__ = ["rms_norm", "lean_rms_norms"]
 
@@ -30,13 +37,14 @@ def _forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Ten
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
         out, _, rstd = _forward(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return out
+        ctx.mark_non_differentiable(rstd)
+        return out, rstd
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad: Tensor, _rstd_grad: Tensor | None):
         x, weight, rstd = ctx.saved_tensors
         normed = x.to(torch.float32) * rstd  # recomputed instead of kept
         grad_x = grad_w = None
@@ -54,12 +62,37 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """weight · x·rsqrt(mean(x²) + eps), computed in fp32 and cast back as transformers does,
     keeping x and rstd (not the normalised x) for backward."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _RMSNorm.apply(x, weight, eps)
+        return _RMSNorm.apply(x, weight, eps)[0]
     return _forward(x, weight, eps)[0]
 
 
 def _lean_forward(self, hidden_states: Tensor) -> Tensor:
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+_MADE_FROM = "_lorakit_rms_norm_of"  # on a normalised output: (x, weight, rstd, dtype) it is recomputed from
+
+
+def _recomputed_forward(self, hidden_states: Tensor) -> Tensor:
+    """As ``_lean_forward``, and the output remembers what it is made of, for ``_pack``."""
+    x, weight = hidden_states, self.weight
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return _forward(x, weight, self.variance_epsilon)[0]
+    out, rstd = _RMSNorm.apply(x, weight, self.variance_epsilon)
+    setattr(out, _MADE_FROM, (x, weight, rstd, out.dtype))
+    return out
+
+
+def _pack(t: Tensor):
+    """Whatever autograd saves of a normalised output (it, or a view of it: an adapter's input) is
+    kept as a recipe over x, weight and rstd, which the norm's own backward keeps anyway."""
+    made_from = getattr(t, _MADE_FROM, None)
+    if made_from is None and t._base is not None:
+        made_from = getattr(t._base, _MADE_FROM, None)
+    if made_from is None or made_from[3] != t.dtype:
+        return t
+    x, weight, rstd, _ = made_from
+    return Recipe(lambda: weight * (x.to(torch.float32) * rstd).to(x.dtype), t)
 
 
 def _reference_code() -> types.CodeType:
@@ -87,12 +120,17 @@ def _llama_norms(model: nn.Module) -> list[nn.Module]:
 
 @contextmanager
 def lean_rms_norms(model: nn.Module) -> Iterator[int]:
-    """Inside the block, the model's Llama-style RMSNorms run through ``rms_norm``; yields how many."""
+    """Inside the block, the model's Llama-style RMSNorms run through ``rms_norm``, and what their
+    consumers save of their outputs is recomputed in backward (not under activation checkpointing);
+    yields how many."""
     norms = _llama_norms(model)
+    recompute = bool(norms) and not activation_checkpointing(model)
     for m in norms:
-        m.forward = types.MethodType(_lean_forward, m)
+        m.forward = types.MethodType(_recomputed_forward if recompute else _lean_forward, m)
+    hooks = torch.autograd.graph.saved_tensors_hooks(_pack, unpack) if recompute else nullcontext()
     try:
-        yield len(norms)
+        with hooks:
+            yield len(norms)
     finally:
         for m in norms:
             vars(m).pop("forward", None)

@@ -150,14 +150,16 @@ def _activation_bytes_per_token(s: ModelShape, act_bytes: int, r: int, n_adapted
                                 dora_outs: int = 0, dropout_bytes: int = 0) -> float:
     """Bytes kept for backward per token, all layers, for a Llama-like block with a frozen base.
 
-    Saved per layer and token (floats): the block input and the first norm's output (2h); the
-    rotated q, k and v, and the attention output, which is also o_proj's input (2h + 2·kv; one
-    tensor for both in packed rows too, lorakit.ops.attention); the residual sum and the second
-    norm's output (2h); the MLP's gate, up, SiLU(gate) and the product fed to down_proj (4·I; 2·I
+    Saved per layer and token (floats): the block input and the residual sum after attention (2h),
+    which the norms keep; the two norms' outputs, which the projections after them keep (2h; none
+    for Llama-style norms, whose outputs lorakit.ops.rms_norm recomputes in backward, except under
+    checkpointing); the rotated q, k and v, and the attention output, which is also o_proj's input
+    (2h + 2·kv; one tensor for both in packed rows too, lorakit.ops.attention); the MLP's gate, up, SiLU(gate) and the product fed to down_proj (4·I; 2·I
     for a SiLU-gated MLP, whose SiLU and product lorakit.ops.gated_mlp recomputes in backward);
     each adapted projection's A·x (r). A frozen weight's matmul keeps no input, nor does a frozen
     norm weight's multiply. Measured on SmolLM2 (saved-tensor hooks, one packed row of 1,024
-    tokens, fp32, dropout 0.05): 831 KB a token against this formula's 823. DoRA keeps each
+    tokens, fp32, dropout 0.05): 831 KB a token against this formula's 823 while the norms'
+    outputs were kept. DoRA keeps each
     adapted projection's output before its rescaling too (``dora_outs``: their output widths
     summed) and its dropout masks and copies (``dropout_bytes`` a layer). With checkpointing only
     each block's input is kept (h per layer), plus one block's activations while it is recomputed.
@@ -168,7 +170,8 @@ def _activation_bytes_per_token(s: ModelShape, act_bytes: int, r: int, n_adapted
     lorakit.ops.rms_norm runs keeping only their (half-precision) input and rstd.
     """
     mlp = (2 if s.silu_gated else 4) * s.intermediate
-    per_layer = 2 * s.hidden + (2 * s.hidden + 2 * s.kv_dim) + 2 * s.hidden + mlp + n_adapted * r + dora_outs
+    norm_outputs = 0 if s.llama_norms and not grad_ckpt else 2 * s.hidden
+    per_layer = 2 * s.hidden + norm_outputs + (2 * s.hidden + 2 * s.kv_dim) + mlp + n_adapted * r + dora_outs
     fp32_norms = 0 if act_bytes >= 4 or s.llama_norms else 2 * 2 * s.hidden * 4
     per_layer_bytes = act_bytes * per_layer + fp32_norms + dropout_bytes
     if grad_ckpt:
