@@ -163,3 +163,10 @@ def test_dora_adds_one_magnitude_per_output_and_one_saved_output_per_projection(
     assert dora.trainable_params - lora.trainable_params == 155_520 == 30 * outs  # = get_lora_model(use_dora) count
     extra = dora.components["activations"] - lora.components["activations"]
     assert extra == 2 * 64 * 30 * outs * 2  # tokens × layers × widths × bf16 bytes
+
+
+def test_the_estimate_counts_the_loss_chunk_the_loss_uses():
+    from lorakit.ops.loss import DEFAULT_CHUNK
+    from lorakit.planning.estimate import LOSS_CHUNK
+
+    assert LOSS_CHUNK == DEFAULT_CHUNK == 512

@@ -25,7 +25,7 @@ BITS_NF4 = 4 + 32 / 64
 BITS_NF4_DOUBLE_QUANT = 4 + 8 / 64 + 32 / (64 * 256)
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 _OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "sgd": 0}  # state bytes per trainable parameter
-LOSS_CHUNK = 1024  # positions per chunk of the label-only loss (lorakit.ops.loss)
+LOSS_CHUNK = 512  # positions per chunk of the label-only loss (lorakit.ops.loss.DEFAULT_CHUNK)
 
 
 @dataclass
