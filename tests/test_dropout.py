@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lorakit import LoraConfig, get_lora_model
-from lorakit.core.dropout import draw_seed, dropped_linear, keep_mask, quantized_probability
+from lorakit.core.dropout import draw_seed, dropped_linear, float_keep_mask, keep_mask, quantized_probability
 from lorakit.core.layers import LoraLinear
 
 from conftest import tiny_llama
@@ -40,6 +40,15 @@ def test_the_mask_is_the_documented_hash_on_this_platform():
     want = torch.tensor([h >= threshold for h in halves[:35]]).view(shape)
     assert torch.equal(keep_mask(shape, p, seed), want)
     assert torch.equal(keep_mask(shape, p, seed), keep_mask(shape, p, seed))
+
+
+def test_the_float_mask_is_the_bool_mask_in_every_dtype():
+    for shape, p in (((5, 7), 0.3), ((64, 33), 0.05), ((2, 3, 1537), 0.5)):  # odd counts: a half word unused
+        keep = keep_mask(shape, p, 4242)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+            got = float_keep_mask(shape, p, 4242, dtype)
+            assert got.dtype == dtype and got.shape == keep.shape
+            assert torch.equal(got, keep.to(dtype)), (shape, dtype)
 
 
 def test_the_mask_drops_the_asked_fraction_independently():

@@ -23,11 +23,13 @@ Semantics: dropout on the adapter input, as PEFT's ``lora_dropout``. Siblings th
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["keep_mask", "dropped_linear", "quantized_probability", "draw_seed"]
+__all__ = ["keep_mask", "float_keep_mask", "dropped_linear", "quantized_probability", "draw_seed"]
 
 _K_INDEX = 0x9E3779B1 - (1 << 32)  # the golden ratio's 32 bits, as a signed int32
 _K_MIX1 = 0x7FEB352D
@@ -70,6 +72,37 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int, device: 
     return (words.view(torch.int16)[:n] >= threshold).view(shape)
 
 
+# the bit pattern of 1.0 in each float type whose mask is built from integer operations
+_ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00, torch.float32: 0x3F800000}
+
+
+def _kept_bits(draws: Tensor, q: int, one: int) -> Tensor:
+    """In place over unsigned 16-bit draws held in int32: ``one`` where draw >= q, else 0 (the sign
+    of draw - q spread over the word by an arithmetic shift, inverted, masked)."""
+    return draws.sub_(q).bitwise_right_shift_(31).bitwise_not_().bitwise_and_(one)
+
+
+def float_keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int, dtype: torch.dtype,
+                    device: torch.device | str = "cpu") -> Tensor:
+    """``keep_mask(shape, p, seed)`` as 1.0/0.0 in ``dtype``, built with int32 operations only:
+    the bits of 1.0 where an element is kept. On CPU, bool → bf16 conversions and int16 compares
+    are not vectorised; this is 2× faster for a 1,024 × 1,536 bf16 mask (0.94 against 1.9 ms on
+    a 2-core AVX512 CPU) and bit-identical."""
+    one = _ONE_BITS.get(dtype)
+    if one is None or sys.byteorder != "little":  # (keep_mask's int16 halves are read in memory order)
+        return keep_mask(shape, p, seed, device).to(dtype)
+    n = 1
+    for d in shape:
+        n *= d
+    # keep_mask keeps an int16 draw s >= q - 32768; with u = s's 16 bits xor 0x8000 that is u >= q
+    words = _hash_words((n + 1) // 2, seed, torch.device(device)).bitwise_xor_(0x80008000 - (1 << 32))
+    q = round(p * _LEVELS)
+    lo, hi = _kept_bits(words & 0xFFFF, q, one), _kept_bits((words >> 16) & 0xFFFF, q, one)
+    if dtype.itemsize == 2:  # two elements a word, the first in its low half (little-endian)
+        return lo.bitwise_or_(hi << 16).view(dtype).view(-1)[:n].view(shape)
+    return torch.stack((lo, hi), dim=-1).view(dtype).view(-1)[:n].view(shape)
+
+
 class _DroppedLinear(torch.autograd.Function):
     """h = (keep ⊙ x)·Aᵀ·c, keeping x (alive anyway), A and the seed for backward, which
     recomputes the mask: neither the dropped-out copy of x nor the mask is kept."""
@@ -77,10 +110,10 @@ class _DroppedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, A: Tensor, p: float, seed: int, scale: float) -> Tensor:
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else A.dtype
-        keep = keep_mask(x.shape, p, seed, x.device)
+        keep = float_keep_mask(x.shape, p, seed, dtype, x.device)
         with torch.autocast(x.device.type, enabled=False):
             # a float mask and a multiply cost less than torch.where; the scale goes on the thin h
-            h = F.linear(x.to(dtype) * keep.to(dtype), A.to(dtype)).mul_(scale)
+            h = F.linear(x.to(dtype) * keep, A.to(dtype)).mul_(scale)
         ctx.save_for_backward(x, A)
         ctx.scale, ctx.dtype, ctx.p, ctx.seed = scale, dtype, p, seed
         return h
@@ -89,7 +122,7 @@ class _DroppedLinear(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, A = ctx.saved_tensors
         dtype = ctx.dtype
-        mask = keep_mask(x.shape, ctx.p, ctx.seed, x.device).to(dtype)
+        mask = float_keep_mask(x.shape, ctx.p, ctx.seed, dtype, x.device)
         g = grad.to(dtype) * ctx.scale
         grad_x = grad_A = None
         if ctx.needs_input_grad[0]:
