@@ -50,14 +50,14 @@ def draw_seed() -> int:
 def _hash_words(count: int, seed: int, device: torch.device) -> Tensor:
     """``count`` pseudo-random int32 words: index·K + seed, then the three xor-shift/multiply rounds
     of a 32-bit integer finaliser (int32 arithmetic wraps; a shift is made logical by masking the
-    sign bits it copies). In-place after the arange."""
+    sign bits it copies). In place after the arange, with one scratch tensor for the shifts."""
     v = torch.arange(count, dtype=torch.int32, device=device)
     v.mul_(_K_INDEX).add_(seed)
-    v.bitwise_xor_((v >> 16) & 0xFFFF)
-    v.mul_(_K_MIX1)
-    v.bitwise_xor_((v >> 15) & 0x1FFFF)
-    v.mul_(_K_MIX2)
-    v.bitwise_xor_((v >> 16) & 0xFFFF)
+    scratch = torch.empty_like(v)
+    for shift, low_bits, multiplier in ((16, 0xFFFF, _K_MIX1), (15, 0x1FFFF, _K_MIX2), (16, 0xFFFF, None)):
+        v.bitwise_xor_(torch.bitwise_right_shift(v, shift, out=scratch).bitwise_and_(low_bits))
+        if multiplier is not None:
+            v.mul_(multiplier)
     return v
 
 
@@ -97,9 +97,10 @@ def float_keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int, dt
     # keep_mask keeps an int16 draw s >= q - 32768; with u = s's 16 bits xor 0x8000 that is u >= q
     words = _hash_words((n + 1) // 2, seed, torch.device(device)).bitwise_xor_(0x80008000 - (1 << 32))
     q = round(p * _LEVELS)
-    lo, hi = _kept_bits(words & 0xFFFF, q, one), _kept_bits((words >> 16) & 0xFFFF, q, one)
+    hi = _kept_bits(torch.bitwise_right_shift(words, 16).bitwise_and_(0xFFFF), q, one)
+    lo = _kept_bits(words.bitwise_and_(0xFFFF), q, one)
     if dtype.itemsize == 2:  # two elements a word, the first in its low half (little-endian)
-        return lo.bitwise_or_(hi << 16).view(dtype).view(-1)[:n].view(shape)
+        return lo.bitwise_or_(hi.bitwise_left_shift_(16)).view(dtype).view(-1)[:n].view(shape)
     return torch.stack((lo, hi), dim=-1).view(dtype).view(-1)[:n].view(shape)
 
 
