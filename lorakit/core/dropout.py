@@ -23,6 +23,7 @@ Semantics: dropout on the adapter input, as PEFT's ``lora_dropout``. Siblings th
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -64,9 +65,7 @@ def _hash_words(count: int, seed: int, device: torch.device) -> Tensor:
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int, device: torch.device | str = "cpu") -> Tensor:
     """A bool tensor of ``shape``: True (kept) with probability 1 - quantized_probability(p),
     a pure function of (shape, p, seed) on every device."""
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     words = _hash_words((n + 1) // 2, seed, torch.device(device))
     threshold = round(p * _LEVELS) - _LEVELS // 2  # int16 draws are uniform on [-32768, 32767]
     return (words.view(torch.int16)[:n] >= threshold).view(shape)
@@ -91,9 +90,7 @@ def float_keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int, dt
     one = _ONE_BITS.get(dtype)
     if one is None or sys.byteorder != "little":  # (keep_mask's int16 halves are read in memory order)
         return keep_mask(shape, p, seed, device).to(dtype)
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     # keep_mask keeps an int16 draw s >= q - 32768; with u = s's 16 bits xor 0x8000 that is u >= q
     words = _hash_words((n + 1) // 2, seed, torch.device(device)).bitwise_xor_(0x80008000 - (1 << 32))
     q = round(p * _LEVELS)

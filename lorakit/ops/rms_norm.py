@@ -28,17 +28,24 @@ from .recompute import Recipe, activation_checkpointing, unpack
 __all__ = ["rms_norm", "lean_rms_norms"]
 
 
-def _forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    xf = x.to(torch.float32)
-    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    normed = xf * rstd
-    return weight * normed.to(x.dtype), normed, rstd
+def _scaled(x: Tensor, weight: Tensor, rstd: Tensor) -> Tensor:
+    """weight · (x·rstd), in transformers' order and dtypes: the forward's output, and its recipe's."""
+    return weight * (x.to(torch.float32) * rstd).to(x.dtype)
+
+
+def _forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    rstd = torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + eps)
+    return _scaled(x, weight, rstd), rstd
+
+
+def _needs_graph(x: Tensor, weight: Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-        out, _, rstd = _forward(x, weight, eps)
+        out, rstd = _forward(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         ctx.mark_non_differentiable(rstd)
         return out, rstd
@@ -61,9 +68,7 @@ class _RMSNorm(torch.autograd.Function):
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """weight · x·rsqrt(mean(x²) + eps), computed in fp32 and cast back as transformers does,
     keeping x and rstd (not the normalised x) for backward."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _RMSNorm.apply(x, weight, eps)[0]
-    return _forward(x, weight, eps)[0]
+    return (_RMSNorm.apply if _needs_graph(x, weight) else _forward)(x, weight, eps)[0]
 
 
 def _lean_forward(self, hidden_states: Tensor) -> Tensor:
@@ -76,7 +81,7 @@ _MADE_FROM = "_lorakit_rms_norm_of"  # on a normalised output: (x, weight, rstd,
 def _recomputed_forward(self, hidden_states: Tensor) -> Tensor:
     """As ``_lean_forward``, and the output remembers what it is made of, for ``_pack``."""
     x, weight = hidden_states, self.weight
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+    if not _needs_graph(x, weight):
         return _forward(x, weight, self.variance_epsilon)[0]
     out, rstd = _RMSNorm.apply(x, weight, self.variance_epsilon)
     setattr(out, _MADE_FROM, (x, weight, rstd, out.dtype))
@@ -92,7 +97,7 @@ def _pack(t: Tensor):
     if made_from is None or made_from[3] != t.dtype:
         return t
     x, weight, rstd, _ = made_from
-    return Recipe(lambda: weight * (x.to(torch.float32) * rstd).to(x.dtype), t)
+    return Recipe(lambda: _scaled(x, weight, rstd), t)
 
 
 def _reference_code() -> types.CodeType:

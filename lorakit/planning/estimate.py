@@ -154,8 +154,9 @@ def _activation_bytes_per_token(s: ModelShape, act_bytes: int, r: int, n_adapted
     which the norms keep; the two norms' outputs, which the projections after them keep (2h; none
     for Llama-style norms, whose outputs lorakit.ops.rms_norm recomputes in backward, except under
     checkpointing); the rotated q, k and v, and the attention output, which is also o_proj's input
-    (2h + 2·kv; one tensor for both in packed rows too, lorakit.ops.attention); the MLP's gate, up, SiLU(gate) and the product fed to down_proj (4·I; 2·I
-    for a SiLU-gated MLP, whose SiLU and product lorakit.ops.gated_mlp recomputes in backward);
+    (2h + 2·kv; one tensor for both in packed rows too, lorakit.ops.attention); the MLP's gate, up,
+    SiLU(gate) and the product fed to down_proj (4·I; 2·I for a SiLU-gated MLP, whose SiLU and
+    product lorakit.ops.gated_mlp recomputes in backward);
     each adapted projection's A·x (r). A frozen weight's matmul keeps no input, nor does a frozen
     norm weight's multiply. Measured on SmolLM2 (saved-tensor hooks, one packed row of 1,024
     tokens, fp32, dropout 0.05): 831 KB a token against this formula's 823 while the norms'
