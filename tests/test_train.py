@@ -175,6 +175,27 @@ def test_cli_train_flags_and_errors(tiny_model_dir, tmp_path):
     assert bad.returncode == 2 and "lora.r: cannot read 'many' as int" in bad.stderr
 
 
+def test_a_run_without_held_out_data_reports_no_scores(tiny_model_dir, tmp_path, capsys):
+    from lorakit.cli.report import print_train_summary
+
+    cfg = run_config_from_dict({**_cfg(tiny_model_dir, _data(tmp_path), tmp_path / "run").to_dict(),
+                                "data": {"path": str(_data(tmp_path)), "max_len": 64, "val_size": 0}})
+    lines = []
+    res = train(cfg, show_progress=False, echo=lines.append)
+    assert res.steps == 6 and res.before == {} and res.after == {}
+    logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in logged if "model" in r], "no evaluation records without held-out data"
+    capsys.readouterr()
+    print_train_summary(res, cfg)
+    out = capsys.readouterr().out
+    assert "no held-out evaluation" in out and "nan" not in out and "inf" not in out
+    plateau = run_config_from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "out_dir": str(tmp_path / "p"),
+                                                               "rank_schedule": "plateau:2,4", "eval_every": 2}})
+    with pytest.raises(LorakitError, match="no held-out examples: set data.val_size"):
+        train(plateau, show_progress=False, echo=lambda s: None)
+    assert not (tmp_path / "p").exists()
+
+
 def test_gradient_checkpointing_gives_the_same_adapter(tiny_model_dir, tmp_path):
     data = _data(tmp_path)
     quiet = dict(show_progress=False, echo=lambda s: None)

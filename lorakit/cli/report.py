@@ -29,12 +29,15 @@ def print_train_summary(result, cfg: RunConfig) -> None:
         return
     from ..training.model_card import SCORE_ROWS
 
+    rows = [(label, key, fmt) for label, key, fmt in SCORE_ROWS if key in r.after or key in r.before]
     print()
-    trained = "fine-tuned" if weights else "with adapter"
-    print(f"  {'held-out':<14}{r.before_label:>12}{trained:>16}")
-    for label, key, fmt in SCORE_ROWS:
-        if key in r.after or key in r.before:
-            print(f"  {label:<14}{_fmt(r.before.get(key), fmt):>12}{_fmt(r.after.get(key), fmt):>16}")
+    if not rows:
+        print("  no held-out evaluation (data.val_size 0 and no data.eval_path)")
+    else:
+        trained = "fine-tuned" if weights else "with adapter"
+        print(f"  {'held-out':<14}{r.before_label:>12}{trained:>16}")
+    for label, key, fmt in rows:
+        print(f"  {label:<14}{_fmt(r.before.get(key), fmt):>12}{_fmt(r.after.get(key), fmt):>16}")
     if r.samples:
         print()
         for q, base, new in r.samples:

@@ -103,7 +103,9 @@ def perplexity(loss: float) -> float:
 def held_out_scores(lm: Any, tokenizer: Any, prepared: Any, max_len: int, batch_size: int, device: torch.device,
                     objective: Objective | None = None) -> dict[str, float]:
     """Eval loss and perplexity of ``lm`` as it is set (for preference pairs, the objective's
-    ``preference_scores``, by default DPO's)."""
+    ``preference_scores``, by default DPO's); none without held-out examples."""
+    if not prepared.val:
+        return {}
     if prepared.pairs:
         return preference_scores(lm, objective or Objective("dpo"), prepared.val, max_len, batch_size,
                                  tokenizer.pad_token_id, device)

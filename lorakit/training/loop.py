@@ -142,6 +142,9 @@ def _setup(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
     base = load_base(cfg, plan, echo)
     objective = make_objective(cfg.train)
     prepared = prepare_data(cfg.data, base.tokenizer, cfg.train.seed, cache_root() / "data", pairs=objective.pairs)
+    if plan.schedule is not None and plan.schedule.steps is None and not prepared.val:
+        raise LorakitError("train.rank_schedule plateau grows the rank when the eval loss stalls, but this run has "
+                           "no held-out examples: set data.val_size above 0 or data.eval_path")
     calibrate_base(cfg, base, prepared, echo)
     echo(data_line(cfg, prepared))
     lm = make_adapter(cfg, base, plan.schedule, echo)

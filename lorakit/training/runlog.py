@@ -103,7 +103,10 @@ class RunLog:
                 plot_losses(self.out / "loss.png", self.train_points, self.eval_points)
 
     def eval(self, step: int, metrics: dict[str, float], label: str = "adapter", final: bool = False) -> None:
-        """An evaluation's scores; ``final``: the finished run's (the "after" of its table)."""
+        """An evaluation's scores; ``final``: the finished run's (the "after" of its table). Nothing
+        to show (no held-out data): nothing written or printed."""
+        if not metrics:
+            return
         self._write({"step": step, "model": label, **({"final": True} if final else {}),
                      **{k: round(v, 6) for k, v in metrics.items()}})
         text = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items())
