@@ -277,3 +277,25 @@ def test_a_slow_matmul_peak_shrinks_to_its_time_budget():
     assert _shrunk_size(1024, 2.0, 6, 1.0) == 447  # emulated bf16: 1024·(1/12)^(1/3)
     assert _shrunk_size(1024, 1e6, 6, 1.0) == 128 and _shrunk_size(100, 5.0, 6, 1.0) == 100
     assert matmul_peak_flops(torch.float32, n=256, reps=2, budget_s=1e-9) > 0  # measured at n=128
+
+
+def test_the_optimizer_is_torch_fused_adamw_with_the_plain_updates():
+    from lorakit import LoraConfig, get_lora_model
+    from lorakit.training.optim import build_optimizer
+    from conftest import tiny_llama
+
+    torch.manual_seed(0)
+    lm = get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear"))
+    params = [p for p in lm.parameters() if p.requires_grad]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = build_optimizer(lm, 1e-2, 0.1, 0.0)
+    plain = torch.optim.AdamW(copies, lr=1e-2, weight_decay=0.1)
+    assert opt.defaults["fused"] is True
+    for step in range(4):
+        for p, c in zip(params, copies):
+            p.grad = torch.randn_like(p)
+            c.grad = p.grad.clone()
+        opt.step()
+        plain.step()
+    for p, c in zip(params, copies):
+        torch.testing.assert_close(p.detach(), c.detach(), atol=1e-6, rtol=1e-5)
