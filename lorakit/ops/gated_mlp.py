@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .recompute import Recipe, activation_checkpointing, unpack
 
-__all__ = ["silu_mul", "lean_gated_mlps"]
+__all__ = ["silu_mul", "gated_mlps", "lean_gated_mlps"]
 
 
 class _SiluMul(torch.autograd.Function):
@@ -81,7 +81,7 @@ def _lean_forward(self, x: Tensor) -> Tensor:
         return self.down_proj(product)
 
 
-def _gated_mlps(model: nn.Module) -> list[nn.Module]:
+def gated_mlps(model: nn.Module) -> list[nn.Module]:
     """transformers' SwiGLU blocks (LlamaMLP, MistralMLP, Qwen2MLP, ...: a class named *MLP with
     gate_proj, up_proj, down_proj and a SiLU act_fn, whose forward is exactly the formula above)."""
     return [m for m in model.modules()
@@ -90,11 +90,14 @@ def _gated_mlps(model: nn.Module) -> list[nn.Module]:
 
 
 @contextmanager
-def lean_gated_mlps(model: nn.Module) -> Iterator[int]:
+def lean_gated_mlps(model: nn.Module, mlps: list[nn.Module] | None = None,
+                    checkpointing: bool | None = None) -> Iterator[int]:
     """Inside the block, the model's SwiGLU MLPs run through ``silu_mul`` and down_proj's saved
-    input is recomputed (not under activation checkpointing); yields how many."""
-    mlps = _gated_mlps(model)
-    keep_product = activation_checkpointing(model)
+    input is recomputed (not under activation checkpointing); yields how many. ``mlps`` and
+    ``checkpointing``: ``gated_mlps(model)`` and ``activation_checkpointing(model)`` when the caller
+    has them already (a training loop, once per run instead of walking the model every step)."""
+    mlps = gated_mlps(model) if mlps is None else [m for m in mlps if "forward" not in vars(m)]
+    keep_product = activation_checkpointing(model) if checkpointing is None else checkpointing
     for m in mlps:
         m.forward = types.MethodType(_lean_forward, m)
         m._lorakit_keep_product = keep_product

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .recompute import Recipe, activation_checkpointing, unpack
 
-__all__ = ["rms_norm", "lean_rms_norms"]
+__all__ = ["rms_norm", "llama_norms", "lean_rms_norms"]
 
 
 def _scaled(x: Tensor, weight: Tensor, rstd: Tensor) -> Tensor:
@@ -110,7 +110,7 @@ def _same_code(a: types.CodeType, b: types.CodeType) -> bool:
     return (a.co_code, a.co_consts, a.co_names, a.co_varnames) == (b.co_code, b.co_consts, b.co_names, b.co_varnames)
 
 
-def _llama_norms(model: nn.Module) -> list[nn.Module]:
+def llama_norms(model: nn.Module) -> list[nn.Module]:
     """transformers' RMSNorms whose forward is exactly LlamaRMSNorm's (Llama, Mistral, Qwen2 and the
     other "copied from Llama" norms; not Gemma's 1 + weight), left as the class defines them."""
     ref = _reference_code()
@@ -124,12 +124,14 @@ def _llama_norms(model: nn.Module) -> list[nn.Module]:
 
 
 @contextmanager
-def lean_rms_norms(model: nn.Module) -> Iterator[int]:
+def lean_rms_norms(model: nn.Module, norms: list[nn.Module] | None = None,
+                   checkpointing: bool | None = None) -> Iterator[int]:
     """Inside the block, the model's Llama-style RMSNorms run through ``rms_norm``, and what their
     consumers save of their outputs is recomputed in backward (not under activation checkpointing);
-    yields how many."""
-    norms = _llama_norms(model)
-    recompute = bool(norms) and not activation_checkpointing(model)
+    yields how many. ``norms`` and ``checkpointing``: ``llama_norms(model)`` and
+    ``activation_checkpointing(model)`` when the caller has them already (as ``lean_gated_mlps``)."""
+    norms = llama_norms(model) if norms is None else [m for m in norms if "forward" not in vars(m)]
+    recompute = bool(norms) and not (activation_checkpointing(model) if checkpointing is None else checkpointing)
     for m in norms:
         m.forward = types.MethodType(_recomputed_forward if recompute else _lean_forward, m)
     hooks = torch.autograd.graph.saved_tensors_hooks(_pack, unpack) if recompute else nullcontext()

@@ -32,8 +32,9 @@ from ..data.dataset import Prepared, prepare_data
 from ..data.packing import Batch, batch_plan, collate, stream_plan
 from ..errors import LorakitError
 from ..ops.attention import packed_positions, use_packed_attention
-from ..ops.gated_mlp import lean_gated_mlps
-from ..ops.rms_norm import lean_rms_norms
+from ..ops.gated_mlp import gated_mlps, lean_gated_mlps
+from ..ops.recompute import activation_checkpointing
+from ..ops.rms_norm import lean_rms_norms, llama_norms
 from .checkpoint import Progress, rng_state, save_checkpoint
 from .distributed import DistContext, init_distributed
 from .evaluate import eval_loss, evaluate_adapter
@@ -101,6 +102,22 @@ class Run:
     tokens_at_start: int = 0
     flops_per_token: float = 0.0
     peak_flops: float = 0.0
+    # the modules a step's lean contexts patch, found once: (gated MLPs, Llama norms, checkpointing on)
+    lean: tuple[list, list, bool] | None = None
+
+    def step_contexts(self) -> contextlib.ExitStack:
+        """What a training step runs in: per-document attention for packed rows, the lean SwiGLU MLPs
+        and RMSNorms (``lorakit.ops``)."""
+        model = self.base.model
+        if self.lean is None:
+            self.lean = (gated_mlps(model), llama_norms(model), activation_checkpointing(model))
+        mlps, norms, checkpointing = self.lean
+        stack = contextlib.ExitStack()
+        if self.cfg.data.packing:
+            stack.enter_context(use_packed_attention(model))
+        stack.enter_context(lean_gated_mlps(model, mlps, checkpointing))
+        stack.enter_context(lean_rms_norms(model, norms, checkpointing))
+        return stack
 
     def evaluate(self, base: bool = False) -> tuple[dict[str, float], list[str]]:
         t = self.cfg.train
@@ -269,12 +286,11 @@ def _loop(run: Run) -> None:
 def _optimizer_step(run: Run, group: list[Batch]) -> tuple[float, float, dict[str, float]]:
     """One optimizer step over ``group`` (this step's micro-batches of every rank): the step's mean
     loss, the gradient norm before clipping, and the objective's logged means (preference rewards)."""
-    ctx, opt, progress, model = run.ctx, run.opt, run.progress, run.base.model
+    ctx, opt, progress = run.ctx, run.opt, run.progress
     totals = run.objective.totals(group)  # one mean over the whole optimizer step, all ranks
     step_loss, sums = 0.0, {}
     mine = ctx.shard(group)
-    with use_packed_attention(model) if run.cfg.data.packing else contextlib.nullcontext(), \
-            lean_gated_mlps(model), lean_rms_norms(model):
+    with run.step_contexts():
         for i, batch in enumerate(mine):
             ctx.gradient_sync(i == len(mine) - 1)  # FSDP: reduce-scatter once, on the last micro-batch
             batch = batch.to(run.base.device)
