@@ -279,6 +279,16 @@ def test_a_slow_matmul_peak_shrinks_to_its_time_budget():
     assert matmul_peak_flops(torch.float32, n=256, reps=2, budget_s=1e-9) > 0  # measured at n=128
 
 
+def test_the_matmul_peak_is_the_best_of_its_sizes(monkeypatch):
+    import lorakit.training.mfu as mfu
+
+    seen = []
+    rates = {1024: 1.4e12, 2048: 2.3e12, 64: 1e9}  # a BLAS whose 1,024 kernel is the slow one (AMX, 2 cores)
+    monkeypatch.setattr(mfu, "_matmul_flops", lambda dtype, device, size, *a: seen.append(size) or rates[size])
+    assert mfu.matmul_peak_flops(torch.bfloat16) == 2.3e12 and seen == [1024, 2048]
+    assert mfu.matmul_peak_flops(torch.bfloat16, n=64) == 1e9 and seen[-1] == 64
+
+
 def test_the_optimizer_is_torch_fused_adamw_with_the_plain_updates():
     from lorakit import LoraConfig, get_lora_model
     from lorakit.training.optim import build_optimizer
