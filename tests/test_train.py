@@ -309,3 +309,6 @@ def test_the_optimizer_is_torch_fused_adamw_with_the_plain_updates():
         plain.step()
     for p, c in zip(params, copies):
         torch.testing.assert_close(p.detach(), c.detach(), atol=1e-6, rtol=1e-5)
+    before = [p._version for p in params]
+    opt.step()
+    assert all(p._version > v for p, v in zip(params, before))  # caches keyed on versions see the update

@@ -6,6 +6,7 @@ import math
 from typing import Callable
 
 import torch
+from torch.autograd.graph import increment_version
 
 from ..core.full_tuning import FullTuning
 from ..core.lora_model import LoraModel
@@ -25,6 +26,17 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
             return max(0.0, 1.0 - progress)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return f
+
+
+class _FusedAdamW(torch.optim.AdamW):
+    """torch's fused AdamW, which writes the parameters in place without bumping their version
+    counters (torch 2.13, CPU): the step bumps them, so what is cached against a parameter's
+    version (a DoRA adapter's weight norm, ``lorakit.core.dora``) is recomputed after it."""
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        increment_version([p for g in self.param_groups for p in g["params"]])
+        return loss
 
 
 def _fusable(groups: list[dict]) -> bool:
@@ -56,7 +68,9 @@ def build_optimizer(lm: LoraModel | FullTuning, lr: float, weight_decay: float, 
               {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if kind == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=_fusable(groups) or None)
+        if _fusable(groups):
+            return _FusedAdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     from ..quant.bnb import require_bnb
 
     bnb = require_bnb()
