@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lorakit.core.frozen_matmul as fm
+import lorakit.ops.frozen_matmul as fm
 from lorakit import LoraConfig, get_lora_model
 from conftest import VOCAB
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..config import INIT_CHOICES
 from .dora import DoraLinear
 from .dropout import dropped_linear
-from .frozen_matmul import frozen_linear
+from ..ops.frozen_matmul import frozen_linear
 from .start import balanced_factors, pissa_factors, start_of
 
 __all__ = ["LoraLayer", "LoraLinear", "lora_scaling", "to_adapter_dtype", "dropout_probability", "INIT_CHOICES"]
@@ -330,7 +330,7 @@ class LoraLinear(DoraLinear, LoraLayer):
     def base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         base = self.base_layer
         # In CPU training, a plain frozen Linear runs through frozen_linear: the same numbers, with
-        # each matmul shape taken the faster of two equivalent ways (lorakit.core.frozen_matmul).
+        # each matmul shape taken the faster of two equivalent ways (lorakit.ops.frozen_matmul).
         if (type(base) is nn.Linear and not args and not kwargs and x.device.type == "cpu" and torch.is_grad_enabled()
                 and x.requires_grad and not base.weight.requires_grad
                 and (base.bias is None or not base.bias.requires_grad)
