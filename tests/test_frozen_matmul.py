@@ -15,6 +15,7 @@ from conftest import VOCAB
 @pytest.fixture
 def fresh(monkeypatch):
     monkeypatch.setattr(fm, "_decided", {})
+    monkeypatch.setattr(fm, "_verdicts", {})
     monkeypatch.setattr(fm, "_trials", {})
     return fm
 
@@ -55,9 +56,25 @@ def test_the_halves_are_kept_only_when_faster_and_bit_identical(fresh, monkeypat
     assert torch.equal(fm.tuned_mm(a, b), a @ b) or not same
 
 
+@pytest.mark.parametrize("faster", [True, False])
+def test_a_new_row_count_takes_its_buckets_verdict_after_one_call(fresh, monkeypatch, faster):
+    monkeypatch.setattr(fm, "time", _Clock(1.0, 0.5 if faster else 1.0))
+    b = torch.randn(32, 256)
+    for _ in range(fm._TRIALS + 1):
+        fm.tuned_mm(torch.randn(256, 32), b)
+    calls = []
+    real = fm._halves
+    monkeypatch.setattr(fm, "_halves", lambda a, b: calls.append(a.shape[0]) or real(a, b))
+    a = torch.randn(300, 32)  # same bucket of 128 rows as 256
+    assert torch.equal(fm.tuned_mm(a, b), a @ b)
+    assert fm.decided_shapes()[(300, 32, 256, torch.float32, torch.float32, (1,), (256, 1), 32)] is faster
+    assert calls == ([300] if faster else [])  # halves run once to compare the bits, or not at all
+    assert not fm._trials
+
+
 def test_no_trials_past_the_shape_limit(fresh, monkeypatch):
     monkeypatch.setattr(fm, "MAX_SHAPES", 1)
-    for m in (256, 257, 258):
+    for m in (256, 600, 1000):  # three buckets
         a = torch.randn(m, 16)
         for _ in range(fm._TRIALS + 1):
             fm.tuned_mm(a, torch.randn(16, 256))

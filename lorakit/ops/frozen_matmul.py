@@ -1,5 +1,5 @@
-"""The frozen base layer of a LoRA linear in training, with each matmul shape run the faster of two
-equivalent ways on CPU.
+"""Matmuls with a frozen weight in CPU training (a LoRA layer's base Linear, the loss head's input
+gradient), each shape run the faster of two equivalent ways.
 
 A BLAS picks its kernel and its split over the threads by shape, and some shapes come out far
 below the rest: on a 2-core Xeon with AMX, oneDNN multiplies 837 × 576 by 576 × 1,536 (gate/up)
@@ -24,10 +24,12 @@ from torch import Tensor
 
 __all__ = ["tuned_mm", "frozen_linear", "decided_shapes", "MAX_SHAPES"]
 
-MAX_SHAPES = 64  # shapes decided per process; later ones run as one matmul (no more trials)
+MAX_SHAPES = 256  # shapes decided per process; later ones run as one matmul
 _TRIALS = 3  # timed calls of each way per shape, after one warm-up call of each
 _GAIN = 0.9  # the halves must take under 90% of the single call's time
+_BUCKET = 128  # rows: a new row count in a timed bucket takes the bucket's verdict, checked for the bits
 _decided: dict[tuple, bool] = {}  # shape -> run as two halves
+_verdicts: dict[tuple, bool] = {}  # (bucket of rows, the rest of the shape) -> the halves were faster
 _trials: dict[tuple, tuple[list[float], list[float], list[bool]]] = {}
 
 
@@ -47,16 +49,23 @@ def _median(xs: list[float]) -> float:
 
 def tuned_mm(a: Tensor, b: Tensor) -> Tensor:
     """a (M, K) @ b (K, N), as one matmul or as two column halves, whichever this process measured
-    faster for the shape (and bit-identical)."""
+    faster for the shape (and bit-identical). Unpadded batches bring a new M every step: a new M
+    takes the verdict timed for its bucket of ``_BUCKET`` rows — one call, both ways, to check the
+    bits where the verdict is the halves — instead of timing afresh."""
     m, n = a.shape[0], b.shape[1]
     if a.device.type != "cpu" or m < 256 or n < 256 or n % 2 or torch.is_grad_enabled() and \
             (a.requires_grad or b.requires_grad):
         return a @ b
-    key = (m, a.shape[1], n, a.dtype, b.dtype, a.stride(), b.stride())
+    rest = (a.shape[1], n, a.dtype, b.dtype, a.stride()[1:], b.stride())  # what a bucket shares
+    key = (m, *rest, a.stride()[0])
     split = _decided.get(key)
     if split is not None:
         return _halves(a, b) if split else a @ b
     if len(_decided) >= MAX_SHAPES:
+        return a @ b
+    verdict = _verdicts.get((m // _BUCKET, *rest))
+    if verdict is False:
+        _decided[key] = False
         return a @ b
     whole_s, halves_s, same = _trials.setdefault(key, ([], [], []))
     t0 = time.perf_counter()
@@ -67,14 +76,19 @@ def tuned_mm(a: Tensor, b: Tensor) -> Tensor:
     whole_s.append(t1 - t0)
     halves_s.append(t2 - t1)
     same.append(torch.equal(whole, halves))
-    if len(whole_s) > _TRIALS:  # the first call of each way was its warm-up
-        _decided[key] = all(same) and _median(halves_s[1:]) < _GAIN * _median(whole_s[1:])
+    if verdict:  # the bucket's rows ran faster as halves: these rows too, if the bits agree
+        _decided[key] = same[0]
+        del _trials[key]
+    elif len(whole_s) > _TRIALS:  # the first call of each way was its warm-up
+        faster = _median(halves_s[1:]) < _GAIN * _median(whole_s[1:])
+        _verdicts[(m // _BUCKET, *rest)] = faster
+        _decided[key] = all(same) and faster
         del _trials[key]
     return whole
 
 
 def decided_shapes() -> dict[tuple, bool]:
-    """What ``tuned_mm`` chose so far: (M, K, N, dtypes, strides) -> ran as two halves."""
+    """What ``tuned_mm`` chose so far: (M, K, N, dtypes, strides) -> runs as two halves."""
     return dict(_decided)
 
 
