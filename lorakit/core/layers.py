@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from ..config import INIT_CHOICES
 from .dora import DoraLinear
 from .dropout import dropped_linear
-from ..ops.frozen_matmul import frozen_linear
 from .start import balanced_factors, pissa_factors, start_of
 
 __all__ = ["LoraLayer", "LoraLinear", "lora_scaling", "to_adapter_dtype", "dropout_probability", "INIT_CHOICES"]
@@ -182,7 +181,7 @@ class LoraLayer(nn.Module, ABC):
 
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        result = self.base_forward(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
         if self.row_adapters is not None:
@@ -195,10 +194,6 @@ class LoraLayer(nn.Module, ABC):
                 else:
                     result = self.add_lora_output(result, x, name)
         return result
-
-    def base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        """The frozen base layer's output (its own forward; LoraLinear may take a faster route)."""
-        return self.base_layer(x, *args, **kwargs)
 
     def add_lora_output(self, result: Tensor, x: Tensor, name: str) -> Tensor:
         """result + s·B·A·dropout(x), in result's dtype."""
@@ -326,17 +321,6 @@ class LoraLinear(DoraLinear, LoraLayer):
 
     def _factor_shapes(self, r: int):
         return (r, self.in_features), (self.out_features, r)
-
-    def base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        base = self.base_layer
-        # In CPU training, a plain frozen Linear runs through frozen_linear: the same numbers, with
-        # each matmul shape taken the faster of two equivalent ways (lorakit.ops.frozen_matmul).
-        if (type(base) is nn.Linear and not args and not kwargs and x.device.type == "cpu" and torch.is_grad_enabled()
-                and x.requires_grad and not base.weight.requires_grad
-                and (base.bias is None or not base.bias.requires_grad)
-                and (x.dtype == base.weight.dtype or torch.is_autocast_enabled("cpu"))):
-            return frozen_linear(x, base.weight, base.bias)
-        return base(x, *args, **kwargs)
 
     def lora_output(self, x: Tensor, name: str) -> Tensor:
         A, B = self.lora_A[name], self.lora_B[name]  # (r, in), (out, r)

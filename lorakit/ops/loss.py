@@ -12,8 +12,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .frozen_matmul import tuned_mm
-
 __all__ = ["linear_cross_entropy_sum", "label_positions", "causal_lm_loss_sum", "token_logprobs"]
 
 # Label positions per chunk. One chunk's fp32 logits (chunk × vocab) are alive at the end of the
@@ -43,13 +41,6 @@ def _chunk_ce(h: Tensor, t: Tensor, weight: Tensor, bias: Tensor | None, need_gr
     return ce, g
 
 
-def _input_grad(g: Tensor, weight: Tensor) -> Tensor:
-    """The chunk's gradient w.r.t. the head's input: g (n, V) · weight (V, H), in the weight's dtype
-    (under autocast, the autocast dtype), a frozen-weight matmul (``tuned_mm``)."""
-    dtype = torch.get_autocast_dtype(g.device.type) if torch.is_autocast_enabled(g.device.type) else weight.dtype
-    return tuned_mm(g.to(dtype), weight.to(dtype))
-
-
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int) -> Tensor:
@@ -67,7 +58,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += ce.sum()
             if g is not None:
                 if need_h:
-                    grad_h[s:s + chunk] = _input_grad(g, weight).to(hidden.dtype)
+                    grad_h[s:s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
                 if need_w:
                     grad_w += g.t() @ h.float()
                 if need_b:
@@ -101,7 +92,7 @@ class _LinearTokenCE(torch.autograd.Function):
             ce, g = _chunk_ce(hidden[s:s + chunk], targets[s:s + chunk], weight, bias, need_h)
             out[s:s + chunk] = ce
             if g is not None:
-                grad_h[s:s + chunk] = _input_grad(g, weight).to(hidden.dtype)
+                grad_h[s:s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
             del ce, g
         ctx.save_for_backward(*(() if grad_h is None else (grad_h,)))
         return out
