@@ -35,7 +35,9 @@ class _FusedAdamW(torch.optim.AdamW):
 
     def step(self, closure=None):
         loss = super().step(closure)
-        increment_version([p for g in self.param_groups for p in g["params"]])
+        for group in self.param_groups:
+            for p in group["params"]:
+                increment_version(p)  # (one tensor a call: older torch takes no list)
         return loss
 
 
