@@ -34,10 +34,9 @@ def _reference_words(count: int, seed: int) -> list[int]:
 def test_the_mask_is_the_documented_hash_on_this_platform():
     p, seed, shape = 0.3, 123456789, (5, 7)  # 35 elements: 18 words, the last half unused
     words = _reference_words(18, seed)
-    halves = [h for w in words for h in ((w & 0xFFFF), (w >> 16) & 0xFFFF)]  # little-endian int16 halves
-    halves = [h - (1 << 16) if h >> 15 else h for h in halves]
-    threshold = round(p * 65536) - 32768
-    want = torch.tensor([h >= threshold for h in halves[:35]]).view(shape)
+    draws = [h for w in words for h in ((w & 0x7FFF), (w >> 16) & 0x7FFF)]  # 15 bits of each little-endian half
+    threshold = round(p * 32768)
+    want = torch.tensor([d >= threshold for d in draws[:35]]).view(shape)
     assert torch.equal(keep_mask(shape, p, seed), want)
     assert torch.equal(keep_mask(shape, p, seed), keep_mask(shape, p, seed))
 
@@ -55,7 +54,7 @@ def test_the_mask_drops_the_asked_fraction_independently():
     n = 1 << 20
     for p in (0.05, 0.3):
         q = quantized_probability(p)
-        assert abs(q - p) <= 1 / 65536
+        assert abs(q - p) <= 1 / 65536  # half a step of 1/32768
         drop = ~keep_mask((n,), p, 7)
         sd = math.sqrt(q * (1 - q) / n)
         assert abs(drop.float().mean().item() - q) < 5 * sd
