@@ -14,8 +14,10 @@ process:
   many examples per step as make about 4,096 tokens;
 - the same with gradient checkpointing.
 
-Printed: tokens/s, MFU (model matmul FLOPs per token — lorakit.training.mfu — × tokens/s over the
-GPU's bf16 matmul peak measured by the same function), peak memory (CUDA max allocated; peak RSS
+Printed: tokens/s, MFU (the decoder's matmul FLOPs per token — lorakit.training.mfu — × tokens/s over
+the GPU's bf16 matmul peak measured by the same function; the head is left out on both sides here,
+as the peer runs it at every position and lorakit at label positions only, so `lorakit train`'s own
+MFU line, which counts the head per label position, reads a little higher), peak memory (CUDA max allocated; peak RSS
 on CPU) and the ratios against lorakit. ``--tiny`` swaps in a 2-layer model of hidden 64 and rows
 of 256 tokens, to check the path on a CPU.
 """

@@ -43,6 +43,17 @@ def test_tiny_run_writes_a_peft_adapter_logs_and_plot(tiny_model_dir, tmp_path, 
     out = tmp_path / "run"
     assert res.steps == 6 and not res.interrupted and res.tokens > 0 and res.tokens_per_s > 0
     assert res.peak_flops > 1e8 and 0 < res.mfu < 1  # a tiny model is far from any matmul peak
+    # the MFU counts the decoder per token and the head (V x 64, frozen) per label position
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.training.mfu import head_flops_per_label, mfu, train_flops_per_token
+    lm = LoraModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "adapter", is_trainable=True)
+    per_token, per_label = train_flops_per_token(lm.model), head_flops_per_label(lm.model)
+    assert per_label == 4 * 64 * lm.model.config.vocab_size
+    assert 0 < res.loop_labels < res.tokens
+    assert res.mfu == pytest.approx(mfu(res.tokens_per_s, per_token, res.peak_flops, res.loop_labels / res.train_s,
+                                        per_label), rel=1e-3)
+    assert res.mfu > 1.01 * mfu(res.tokens_per_s, per_token, res.peak_flops)
     assert res.after["eval_loss"] < res.before["eval_loss"]
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "config.yaml", "metrics.jsonl", "loss.png"):
         assert (out / name).is_file(), name
@@ -247,17 +258,22 @@ def test_eval_samples_zero_skips_generation_scoring(tiny_model_dir, tmp_path):
     assert "exact_match" in _evaluate(lm, tok, prepared, cfg, torch.device("cpu"), base=False)[0]
 
 
-def test_mfu_counts_the_frozen_matmuls_four_times_and_the_adapter_six():
+def test_mfu_counts_the_frozen_matmuls_four_times_the_adapter_six_and_the_head_per_label():
     from conftest import tiny_llama
     from lorakit import LoraConfig, get_lora_model
-    from lorakit.training.mfu import mfu, train_flops_per_token
+    from lorakit.training.mfu import head_flops_per_label, mfu, train_flops_per_token
 
     lm = get_lora_model(tiny_llama(), LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     # per layer: q 64x64, k 32x64, v 32x64, o 64x64, gate/up 128x64, down 64x128; the head (96x64) excluded
     frozen = 2 * (64 * 64 + 32 * 64 + 32 * 64 + 64 * 64 + 3 * 128 * 64)
     trainable = 2 * (4 * 64 + 64 * 4 + 4 * 64 + 32 * 4)
     assert train_flops_per_token(lm.model) == 4 * frozen + 6 * trainable
+    # the head (96 x 64) runs at label positions only: logits forward + the hidden state's gradient
+    assert head_flops_per_label(lm.model) == 4 * 96 * 64
+    lm.model.get_output_embeddings().weight.requires_grad_(True)  # a trained head: + its weight's gradient
+    assert head_flops_per_label(lm.model) == 6 * 96 * 64
     assert mfu(1000.0, 2e6, 4e9) == 0.5 and mfu(1.0, 1.0, 0.0) == 0.0
+    assert mfu(1000.0, 2e6, 4e9, labels_per_s=250.0, flops_per_label=8e6) == 1.0  # (2e9 + 2e9) / 4e9
 
 
 def test_the_matmul_peak_leaves_the_global_generator_alone():

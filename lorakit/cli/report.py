@@ -24,7 +24,8 @@ def print_train_summary(result, cfg: RunConfig) -> None:
     print(f"throughput:   {r.tokens_per_s:.0f} tokens/s   peak memory: {r.peak_memory_mb:.0f} MiB   final train loss: {r.final_loss:.4f}")
     if r.peak_flops > 0:
         print(f"MFU:          {100 * r.mfu:.0f}% of a {r.peak_flops / 1e9:.0f} GFLOP/s matmul peak (the better of "
-              "two measurements, before and after the loop; model matmul FLOPs per token x tokens/s; docs/training.md)")
+              "two measurements, before and after the loop; the model's matmul FLOPs per token and the head's per label "
+              "position, times their rates; docs/training.md)")
     if r.interrupted:
         return
     from ..training.model_card import SCORE_ROWS

@@ -43,7 +43,7 @@ from .model_card import data_summary, describe_adapter, describe_model
 from .rank_schedule import PlateauTracker, grow_adapter_rank
 from .runlog import NullLog, RunLog, peak_memory_mb
 from .trackers import open_trackers
-from .mfu import matmul_peak_flops, mfu, train_flops_per_token
+from .mfu import head_flops_per_label, matmul_peak_flops, mfu, train_flops_per_token
 from .setup import (BaseSetup, Optimization, RunPlan, calibrate_base, check_run, data_line, load_base, load_states,
                     make_adapter, make_optimization, open_run_folder, output_name, restore, with_init_adapter)
 
@@ -68,6 +68,7 @@ class TrainResult:
     mfu: float = 0.0  # model FLOPs utilisation of the loop (lorakit.training.mfu)
     peak_flops: float = 0.0  # the matmul peak it is measured against (FLOP/s, this run's precision)
     before_label: str = "base"  # what ``before`` scored: base, or start (train.init_adapter as it started)
+    loop_labels: int = 0  # label positions the loop trained on (this process, since it started or resumed)
 
 
 def _matmul_peak(base: BaseSetup) -> float:
@@ -100,7 +101,9 @@ class Run:
     loss: float = float("nan")
     t_loop: float = 0.0
     tokens_at_start: int = 0
+    labels_in_loop: int = 0  # label positions this process's loop has trained on (the head runs there only)
     flops_per_token: float = 0.0
+    flops_per_label: float = 0.0
     peak_flops: float = 0.0
     # the modules a step's lean contexts patch, found once: (gated MLPs, Llama norms, checkpointing on)
     lean: tuple[list, list, bool] | None = None
@@ -191,7 +194,8 @@ def _setup(cfg: RunConfig, ctx: DistContext, show_progress: bool, echo: Callable
                      resumed=plan.resume_from is not None, trackers=trackers)
     run = Run(cfg, ctx, plan, base, prepared, lm, opt, objective, progress, plateau, log, config_yaml, echo,
               before=dict(log.base_metrics),  # a resumed run reads the base scores from metrics.jsonl
-              flops_per_token=train_flops_per_token(base.model), peak_flops=peak)
+              flops_per_token=train_flops_per_token(base.model), flops_per_label=head_flops_per_label(base.model),
+              peak_flops=peak)
     if plan.resume_from is None and (ctx.is_main or ctx.fsdp):
         _evaluate_base(run)
     ctx.barrier()
@@ -304,6 +308,7 @@ def _optimizer_step(run: Run, group: list[Batch]) -> tuple[float, float, dict[st
                 sums[k] = sums.get(k, 0.0) + v
     progress.micro_batches += len(group)
     progress.tokens += sum(b.n_tokens for b in group)
+    run.labels_in_loop += sum(b.n_labels for b in group)
     params = [p for g in opt.optimizer.param_groups for p in g["params"]]
     ctx.reduce_grads(params)  # once per optimizer step: accumulation needs no extra all-reduce
     step_loss, stopping, *values = ctx.sum_values(step_loss, 1.0 if run.stop is not None else 0.0, *sums.values())
@@ -407,8 +412,9 @@ def _finish(run: Run, t_begin: float) -> TrainResult:
     def result(**kw) -> TrainResult:
         return TrainResult(out, kw.pop("adapter", adapter_dir), progress.step, progress.tokens,
                            time.perf_counter() - t_begin, train_s, tps, peak_memory_mb(device), run.loss, **kw,
-                           mfu=mfu(tps, run.flops_per_token, run.peak_flops), peak_flops=run.peak_flops,
-                           before_label=run.cfg.train.before_label)
+                           mfu=mfu(tps, run.flops_per_token, run.peak_flops, run.labels_in_loop / max(train_s, 1e-9),
+                                   run.flops_per_label), peak_flops=run.peak_flops,
+                           before_label=run.cfg.train.before_label, loop_labels=run.labels_in_loop)
 
     if not run.ctx.is_main:  # rank 0 writes the adapter and evaluates
         if run.ctx.fsdp and not interrupted:

@@ -4,8 +4,10 @@ after the loop, the better of the two), in the precision the run computes in.
 
 Per token, every frozen linear layer of the decoder costs 2·W FLOPs forward and 2·W for the input
 gradient backward (no weight gradient): 4·W (2·W when no gradient reaches it: a freeze run's first
-blocks); each trainable factor or trained weight costs 6·P (forward, input and weight gradients). The output head runs only on label positions (chunked loss) and attention's
-T² term is left out, so this slightly undercounts — the figure is conservative."""
+blocks); each trainable factor or trained weight costs 6·P (forward, input and weight gradients).
+The output head runs only on label positions (the chunked loss): 4·V·d per label position (6·V·d
+when it trains), counted per label position, not per token. Attention's T² term is left out, so
+this slightly undercounts — the figure is conservative."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from torch import nn
 
 from ..core.inject import linear_types
 
-__all__ = ["matmul_peak_flops", "train_flops_per_token", "mfu"]
+__all__ = ["matmul_peak_flops", "train_flops_per_token", "head_flops_per_label", "mfu"]
 
 
 def _shrunk_size(n: int, seconds: float, reps: int, budget_s: float, smallest: int = 128) -> int:
@@ -66,16 +68,20 @@ def _matmul_flops(dtype: torch.dtype, device: torch.device, size: int, reps: int
     return 2 * size ** 3 / max(best, 1e-12)
 
 
+def _head_weight(model: nn.Module) -> torch.Tensor | None:
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    return getattr(getattr(head, "base_layer", head), "weight", None)
+
+
 def train_flops_per_token(model: nn.Module) -> float:
     """Matmul FLOPs per token of one training step: 6·W for a linear weight that trains, 4·W for a
     frozen one that gradients pass through (anything trainable comes before it), 2·W for a frozen
     one before every trainable parameter (forward only: a freeze run's first blocks). The output
-    head (label positions only) and non-matmul parameters (embeddings, norms, biases, DoRA's
+    head (label positions only: ``head_flops_per_label``) and non-matmul parameters (embeddings, norms, biases, DoRA's
     magnitudes) are left out; an adapter's factors (matrices outside a linear layer) cost 6·P.
     Modules are taken in registration order, which is the forward order of transformers' decoders;
     an adapted layer's factors count as coming before its frozen weight."""
-    head = getattr(model, "get_output_embeddings", lambda: None)()
-    head_weight = getattr(getattr(head, "base_layer", head), "weight", None)
+    head_weight = _head_weight(model)
     total, upstream = 0.0, False  # upstream: a trainable parameter comes before this module
     for m in model.modules():
         wrapped = getattr(m, "base_layer", None) is not None
@@ -91,6 +97,18 @@ def train_flops_per_token(model: nn.Module) -> float:
     return total
 
 
-def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
-    """Achieved model FLOP/s as a fraction of the peak."""
-    return tokens_per_s * flops_per_token / peak_flops if peak_flops > 0 else 0.0
+def head_flops_per_label(model: nn.Module) -> float:
+    """Matmul FLOPs of the output head per label position: the logits forward (2·V·d) and the hidden
+    state's gradient backward (2·V·d), and the weight's gradient (2·V·d) when the head trains; 0 when
+    the model has no head to find. (A LoRA adapter on the head is counted per token with the others.)"""
+    w = _head_weight(model)
+    if not isinstance(w, torch.Tensor) or w.ndim != 2:
+        return 0.0
+    return (6.0 if w.requires_grad else 4.0) * w.numel()
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float, labels_per_s: float = 0.0,
+        flops_per_label: float = 0.0) -> float:
+    """Achieved model FLOP/s (per token, and the head per label position) as a fraction of the peak."""
+    achieved = tokens_per_s * flops_per_token + labels_per_s * flops_per_label
+    return achieved / peak_flops if peak_flops > 0 else 0.0
