@@ -13,7 +13,14 @@ from torch import nn
 
 warnings.filterwarnings("ignore", message=".*(bos|eos|pad)_token_id.*")
 logging.getLogger("transformers").setLevel(logging.ERROR)
-torch.set_num_threads(2)
+# The README's test command runs two pytest-xdist workers (pyproject's addopts). Each computes on
+# one thread, and so do the programs its tests start: two workers then share the 2 cores instead of
+# oversubscribing them (OpenMP threads beyond the cores spin and slow everyone down).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 # Training precision "auto" picks bf16 on CPUs with native bf16 matmuls; tests compare numbers at
 # fp32 tolerances and must give the same results on any CI machine, so they pin fp32 (subprocesses
 # inherit this). tests/test_precision.py turns it on where it tests the bf16 path itself.
@@ -206,3 +213,10 @@ def tiny_train_cmd(model_dir, tmp_path, *flags: str) -> tuple[list[str], "Path"]
     run = tmp_path / "run"
     return ([sys.executable, "-m", "lorakit", "train", "--model", str(model_dir), "--data", str(data), "--out", str(run),
              *flags, "--data.max_len", "48", "--data.val_size", "4", "--train.threads", "1", "--train.plot", "false"], run)
+
+
+def pytest_collection_modifyitems(config, items):
+    """With several workers, the slow end-to-end tests start first, so the suite does not end with
+    one of them running alone while the other worker idles."""
+    if getattr(config.option, "numprocesses", None):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
