@@ -7,7 +7,7 @@ from conftest import randomize_adapters, tiny_gpt2, tiny_llama
 
 from lorakit import LoraConfig, get_lora_model
 from lorakit.ops.attention import use_packed_attention, packed_positions
-from lorakit.data.packing import collate_packed, pack_rows
+from lorakit.data.packing import collate_packed, collate_padded, pack_rows, padded_length
 from lorakit.data.templates import Encoded
 from lorakit.ops.loss import causal_lm_loss_sum, linear_cross_entropy_sum
 
@@ -78,3 +78,27 @@ def test_packed_loss_equals_unpacked_per_example(make):
     assert n_packed == n_alone
     torch.testing.assert_close(packed / n_packed, alone / n_alone, atol=1e-5, rtol=1e-5)
     assert m.model.config._attn_implementation != "lorakit_packed"  # restored after the block
+
+
+def test_rows_padded_to_a_few_lengths_change_no_loss():
+    # an eighth of the power of two (at least 8 tokens), never past max(T, max_len)
+    assert [padded_length(t, 1024) for t in (5, 20, 100, 513, 990, 1024)] == [8, 24, 104, 576, 1024, 1024]
+    assert [padded_length(t, 837) for t in (700, 830, 833)] == [704, 832, 837] and padded_length(990, None) == 990
+    m = get_lora_model(tiny_llama(), LoraConfig(r=4))
+    randomize_adapters(m)
+    exs = _examples([9, 6, 12, 5])
+    plain, padded = (collate_packed([[0, 1], [2, 3]], exs, pad_id=0, max_len=n) for n in (None, 64))
+    assert plain.input_ids.shape == (2, 17) and padded.input_ids.shape == (2, 24)
+    assert (padded.n_tokens, padded.n_labels) == (plain.n_tokens, plain.n_labels)
+    assert (padded.labels[:, 17:] == -100).all() and (padded.doc_ids[:, 17:] == -1).all()
+    assert padded.position_ids[0, 15:].tolist() == list(range(9))  # the tail is a document of its own
+    losses = []
+    for b in (plain, padded):
+        with use_packed_attention(m.model), packed_positions(b.position_ids):
+            losses.append(causal_lm_loss_sum(m.model, b.input_ids, b.labels, b.position_ids)[0])
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+    plain, padded = (collate_padded([0, 2], exs, pad_id=0, max_len=n) for n in (None, 64))
+    assert plain.input_ids.shape == (2, 12) and padded.input_ids.shape == (2, 16)
+    unpacked = [causal_lm_loss_sum(m.model, b.input_ids, b.labels, b.position_ids, b.attention_mask)[0]
+                for b in (plain, padded)]
+    torch.testing.assert_close(unpacked[0], unpacked[1], atol=1e-5, rtol=1e-5)

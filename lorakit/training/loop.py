@@ -247,7 +247,7 @@ def _streamed_batches(run: Run) -> Iterator[Batch]:
             if skip:
                 skip -= 1
                 continue
-            yield collate(item, chunk, cfg.data.packing, pad)
+            yield collate(item, chunk, cfg.data.packing, pad, cfg.data.max_len)
         if n == 0:
             raise LorakitError("the data stream has no example with a token to train on (after templating and "
                                "truncation); check data.format / data.columns and data.max_len")
@@ -264,7 +264,7 @@ def _micro_batches(run: Run) -> Iterator[Batch]:
         plan = batch_plan(run.prepared.train, cfg.data.max_len, t_cfg.batch_size, cfg.data.packing, t_cfg.seed + epoch,
                           cfg.micro_tokens(run.ctx.world), pairs=run.prepared.pairs)
         for item in plan[i:]:
-            yield collate(item, run.prepared.train, cfg.data.packing, run.base.tokenizer.pad_token_id)
+            yield collate(item, run.prepared.train, cfg.data.packing, run.base.tokenizer.pad_token_id, cfg.data.max_len)
         epoch, i = epoch + 1, 0
 
 

@@ -173,7 +173,7 @@ def calibrate_base(cfg: RunConfig, base: BaseSetup, prepared: Prepared, echo: Ec
         from ..quant.gptq import calibrated_quantize
 
         examples = prepared.first(cfg.model.quant_calibration)
-        rows = make_batches(examples, cfg.data.max_len, 1, True, 0, seed=cfg.train.seed)  # packed rows: no padding
+        rows = make_batches(examples, cfg.data.max_len, 1, True, 0, seed=cfg.train.seed, shape_padding=False)  # no padding
         rank = max([cfg.lora.r, *cfg.lora.rank_pattern.values()]) if base.eora else 0
         done = calibrated_quantize(base.model, base.spec, rows, base.device, rounding=cfg.model.quant_rounding,
                                    residual_rank=rank)
