@@ -1,6 +1,7 @@
 """Memory-estimate arithmetic on hand-computed values (the activation model awaits validation)."""
 
 import pytest
+import torch
 from transformers import LlamaConfig
 
 from lorakit import LorakitError
@@ -166,7 +167,11 @@ def test_dora_adds_one_magnitude_per_output_and_one_saved_output_per_projection(
 
 
 def test_the_estimate_counts_the_loss_chunk_the_loss_uses():
-    from lorakit.ops.loss import DEFAULT_CHUNK
-    from lorakit.planning.estimate import LOSS_CHUNK
+    from lorakit.ops.loss import default_chunk
+    from lorakit.planning.estimate import LOSS_CHUNKS
 
-    assert LOSS_CHUNK == DEFAULT_CHUNK == 512
+    h, w = torch.zeros(2, 8), torch.zeros(16, 8)
+    assert default_chunk(h, w) == LOSS_CHUNKS[4] == 512
+    assert default_chunk(h.bfloat16(), w.bfloat16()) == LOSS_CHUNKS[2] == 128
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert default_chunk(h, w) == 128  # the head's matmul runs in bf16 there

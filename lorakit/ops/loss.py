@@ -12,14 +12,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["linear_cross_entropy_sum", "label_positions", "causal_lm_loss_sum", "token_logprobs"]
+__all__ = ["linear_cross_entropy_sum", "label_positions", "causal_lm_loss_sum", "token_logprobs", "default_chunk"]
 
-# Label positions per chunk. One chunk's fp32 logits (chunk × vocab) are alive at the end of the
-# forward pass, when every activation is: 201 MB at 1,024 positions over SmolLM2's 49,152-token
-# vocabulary, 101 MB at 512. Loss + gradient of 2,048 positions on a 2-core AVX512 CPU: 1,024 /
-# 512 / 256 positions 1,445-1,501 / 1,444-1,519 / 1,575-1,715 ms fp32, 425 / 429-433 / 435-448 ms
-# bf16, so 512 halves that memory for nothing. (planning.estimate.LOSS_CHUNK mirrors it.)
-DEFAULT_CHUNK = 512
+# Label positions per chunk. One chunk's fp32 logits (chunk × vocab) — and, when the head computes in
+# 16 bits, that chunk in 16 bits too — are alive at the end of the forward pass, when every
+# activation is. Loss + gradient on a 2-core AVX512-BF16 EPYC (SmolLM2's 49,152-token vocabulary,
+# 400 / 1,000 positions, median of 6): bf16 512 / 256 / 128 positions 177-177 / 168-175 / 161-162 and
+# 396-408 / 395-401 / 392-402 ms — the same — so 16-bit heads take 128 (38 MB a chunk instead of 151);
+# fp32 317-327 / 345-347 / 381-418 and 820-822 / 928-952 / 960-978 ms, so fp32 heads keep 512
+# (planning.estimate.LOSS_CHUNKS mirrors both).
+CHUNK_FP32 = 512
+CHUNK_HALF = 128
+
+
+def default_chunk(hidden: Tensor, weight: Tensor) -> int:
+    """Label positions per loss chunk for a head matmul of ``hidden`` by ``weight``: 512 in fp32,
+    128 where it computes in 16 bits (autocast, or a 16-bit head)."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    return CHUNK_FP32 if dtype in (torch.float32, torch.float64) else CHUNK_HALF
 
 
 def _chunk_ce(h: Tensor, t: Tensor, weight: Tensor, bias: Tensor | None, need_grad: bool) -> tuple[Tensor, Tensor | None]:
@@ -106,11 +120,12 @@ class _LinearTokenCE(torch.autograd.Function):
 
 
 def linear_cross_entropy_sum(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                             chunk: int = DEFAULT_CHUNK) -> Tensor:
-    """Σ CE(hidden·Wᵀ + b, targets) without materialising more than ``chunk`` rows of logits."""
+                             chunk: int | None = None) -> Tensor:
+    """Σ CE(hidden·Wᵀ + b, targets) without materialising more than ``chunk`` rows of logits
+    (None: ``default_chunk``)."""
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk or default_chunk(hidden, weight))
 
 
 def label_positions(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -147,21 +162,23 @@ def _label_hidden(model: nn.Module, input_ids: Tensor, labels: Tensor, position_
 
 
 def causal_lm_loss_sum(model: nn.Module, input_ids: Tensor, labels: Tensor, position_ids: Tensor | None = None,
-                       attention_mask: Tensor | None = None, chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, int]:
+                       attention_mask: Tensor | None = None, chunk: int | None = None) -> tuple[Tensor, int]:
     """(summed next-token CE over label positions, number of label positions) for a transformers causal LM.
 
     Runs the decoder for hidden states and projects only the label positions through the head.
     """
     hidden, targets, head, softcap = _label_hidden(model, input_ids, labels, position_ids, attention_mask)
+    chunk = chunk or default_chunk(hidden, head.weight)
     if type(head) is nn.Linear and not softcap:
         return linear_cross_entropy_sum(hidden, head.weight, head.bias, targets, chunk), int(targets.numel())
     return _generic_head_ce(head, hidden, targets, chunk, softcap, "sum"), int(targets.numel())
 
 
 def token_logprobs(model: nn.Module, input_ids: Tensor, labels: Tensor, position_ids: Tensor | None = None,
-                   attention_mask: Tensor | None = None, chunk: int = DEFAULT_CHUNK) -> Tensor:
+                   attention_mask: Tensor | None = None, chunk: int | None = None) -> Tensor:
     """log p(label) at each label position (N,), fp32, in ``label_positions`` order; differentiable."""
     hidden, targets, head, softcap = _label_hidden(model, input_ids, labels, position_ids, attention_mask)
+    chunk = chunk or default_chunk(hidden, head.weight)
     frozen = not (head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad)) \
         if type(head) is nn.Linear else False
     if frozen and not softcap and hidden.shape[0]:

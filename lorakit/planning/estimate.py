@@ -25,7 +25,8 @@ BITS_NF4 = 4 + 32 / 64
 BITS_NF4_DOUBLE_QUANT = 4 + 8 / 64 + 32 / (64 * 256)
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 _OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "sgd": 0}  # state bytes per trainable parameter
-LOSS_CHUNK = 512  # positions per chunk of the label-only loss (lorakit.ops.loss.DEFAULT_CHUNK)
+# positions per chunk of the label-only loss by bytes per activation: fp32, 16-bit (lorakit.ops.loss.default_chunk)
+LOSS_CHUNKS = {4: 512, 2: 128}
 
 
 @dataclass
@@ -261,7 +262,7 @@ def estimate_memory(s: ModelShape, method: str = "lora", r: int = 16, targets: l
         # alive at a time), plus the label positions' hidden states and their saved gradient. In
         # half precision the head's matmul first gives the chunk in 16 bits (and the chunk's
         # gradient goes back to 16 bits for the weight's matmul): one 16-bit chunk more at the peak.
-        comp["loss (chunked logits)"] = min(labels, LOSS_CHUNK) * chunk_bytes + 2 * labels * s.hidden * act_b
+        comp["loss (chunked logits)"] = min(labels, LOSS_CHUNKS[act_b]) * chunk_bytes + 2 * labels * s.hidden * act_b
     else:
         # Full logits, their fp32 copy for the loss, and the gradient of the same size.
         comp["loss (full logits)"] = 3 * tokens * s.vocab * 4
@@ -275,7 +276,7 @@ def estimate_memory(s: ModelShape, method: str = "lora", r: int = 16, targets: l
         fixed = est.total - comp["activations"] - comp[loss_key]
         per_token = comp["activations"] / tokens
         loss_per_token = 2 * s.hidden * act_b + (0 if chunked_loss else 3 * s.vocab * 4)
-        room = device_memory - fixed - (LOSS_CHUNK * chunk_bytes if chunked_loss else 0)
+        room = device_memory - fixed - (LOSS_CHUNKS[act_b] * chunk_bytes if chunked_loss else 0)
         max_tokens = int(room / (per_token + loss_per_token)) if room > 0 else 0
         est.max_batch = max_tokens // seq
         est.max_seq = max_tokens // batch
