@@ -131,7 +131,8 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
                  else "; no reference model"))
     if kind == "cpu":
         print("\nnote: this is the peak of live tensors. lorakit train runs under mimalloc on Linux, where peak RSS "
-              "measured 1.04-1.11x this estimate in fp32 and 1.21x in bf16 (SmolLM2-135M, 837 tokens a step); under glibc's malloc "
+              "measured 1.04-1.15x this estimate in fp32 and 1.16-1.21x in bf16 (SmolLM2-135M, 837 and 4,096 tokens a step); "
+              "under glibc's malloc "
               "(LORAKIT_ALLOCATOR=system), which keeps freed activations, 1.1-2.3x (docs/training.md).")
     return 0
 
