@@ -55,7 +55,7 @@ def _fit_memory(cfg, main_rank: bool):
     from ..base import load_model_config
     from ..config import resolve_batch_tokens
     from ..planning.estimate import shape_from_config
-    from ..planning.fit import apply_fit, available_memory, fit_to_memory
+    from ..planning.fit import apply_fit, available_memory, fit_to_memory, rss_ratio
     from .plan import OVERHEAD_BYTES, device_kind, planned_precision
 
     cfg, line = resolve_batch_tokens(cfg)
@@ -70,15 +70,17 @@ def _fit_memory(cfg, main_rank: bool):
     kind = device_kind(cfg.model.device)
     available = available_memory(kind) / (int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if kind == "cpu" else 1)
     # a resumed run is only reported on: planned against unlimited memory, nothing changes
-    fit = fit_to_memory(shape, cfg, planned_precision(cfg, kind), OVERHEAD_BYTES[kind],
-                        float("inf") if cfg.train.resume else available)
+    precision = planned_precision(cfg, kind)
+    fit = fit_to_memory(shape, cfg, precision, OVERHEAD_BYTES[kind], float("inf") if cfg.train.resume else available,
+                        rss_ratio(kind, precision))
     cfg = apply_fit(cfg, fit)
     if main_rank:
         t, budget = cfg.train, cfg.micro_tokens()
         micro = f"{budget:,} tokens" if budget else f"{t.batch_size} × {cfg.data.max_len} tokens"
         step = (budget or t.batch_size * cfg.data.max_len) * t.grad_accum
+        process = f" (~{fit.expected_peak / 2**30:.2f} GiB resident)" if fit.rss_ratio != 1.0 else ""
         print(f"memory: {micro} per micro-batch × {t.grad_accum} = up to {step:,} tokens per step; estimated peak "
-              f"{fit.estimate / 2**30:.2f} GiB of {available / 2**30:.2f} GiB available; malloc: {_malloc_name()}")
+              f"{fit.estimate / 2**30:.2f} GiB{process} of {available / 2**30:.2f} GiB available; malloc: {_malloc_name()}")
         for change in fit.changes:
             print(f"memory: to fit, {change}")
     return cfg

@@ -1,7 +1,10 @@
 """Fitting a run to the memory it has, before it starts: the estimate (``lorakit.planning.estimate``)
 of the configured step against the memory available, and the changes that make it fit.
 
-The rule, in order, while the estimated peak is above 90% of what is available:
+On CPU the estimate's live-tensor peak is scaled by the peak RSS / estimate ratio `lorakit train`
+measured under mimalloc (``CPU_RSS_RATIO``: the allocator's and oneDNN's memory beyond the live
+tensors), so a run planned near the edge of the machine's memory is not killed by the part the
+estimate does not see. The rule, in order, while that expected peak is above 90% of what is available:
 1. turn on gradient checkpointing (activations: every token's per-layer tensors → one per layer);
 2. halve the micro-batch and double the accumulation (the same examples per optimizer step, the
    same result up to rounding: the loss is one mean over the step's label tokens);
@@ -22,9 +25,12 @@ from ..errors import LorakitError
 from .estimate import ModelShape, estimate_memory, parse_size
 
 __all__ = ["MemoryFit", "fit_to_memory", "apply_fit", "available_memory", "estimate_method", "estimate_run", "HEADROOM",
-           "MEMORY_ENV"]
+           "MEMORY_ENV", "CPU_RSS_RATIO", "rss_ratio"]
 
 HEADROOM = 0.9  # the fraction of the available memory a run may plan to use
+# Peak RSS over the estimate, measured by `lorakit train` on CPU under mimalloc (SmolLM2-135M, steps of
+# 837 and 4,096 tokens, 2026-12-07; docs/planning.md): fp32 1.04-1.15x, bf16 1.16-1.21x.
+CPU_RSS_RATIO = {"fp32": 1.15, "bf16": 1.21, "fp16": 1.21}
 MEMORY_ENV = "LORAKIT_AVAILABLE_MEMORY"  # e.g. 8GB: plan for this much instead of what the system reports
 
 
@@ -33,8 +39,20 @@ class MemoryFit:
     batch_size: int
     grad_accum: int
     grad_checkpointing: bool
-    estimate: float  # bytes, the planned step's peak
+    estimate: float  # bytes, the planned step's peak of live tensors
     changes: list[str] = field(default_factory=list)
+    rss_ratio: float = 1.0  # the process's expected peak over ``estimate`` (CPU_RSS_RATIO on CPU)
+
+    @property
+    def expected_peak(self) -> float:
+        """Bytes the process is expected to peak at: the estimate times ``rss_ratio``."""
+        return self.estimate * self.rss_ratio
+
+
+def rss_ratio(device_kind: str, precision: str) -> float:
+    """The measured peak RSS / estimate to plan a run with: CPU_RSS_RATIO on CPU, 1 on a GPU (whose
+    allocator's reserve the estimate's framework overhead covers)."""
+    return CPU_RSS_RATIO.get(precision, max(CPU_RSS_RATIO.values())) if device_kind == "cpu" else 1.0
 
 
 def available_memory(device_kind: str) -> float:
@@ -74,15 +92,17 @@ def _gib(x: float) -> str:
     return f"{x / 2**30:.2f} GiB"
 
 
-def fit_to_memory(shape: ModelShape, cfg: Any, precision: str, overhead: float, available: float) -> MemoryFit:
-    """The micro-batch, accumulation and checkpointing that fit ``available`` bytes (``cfg`` is a
+def fit_to_memory(shape: ModelShape, cfg: Any, precision: str, overhead: float, available: float,
+                  ratio: float = 1.0) -> MemoryFit:
+    """The micro-batch, accumulation and checkpointing whose estimated peak times ``ratio`` (the
+    expected peak RSS over the estimate: ``rss_ratio``) fits ``available`` bytes (``cfg`` is a
     RunConfig; it is not changed). Raises LorakitError, with the numbers, when nothing fits."""
     t = cfg.train
     by_tokens = cfg.micro_tokens() > 0  # unpacked with train.batch_tokens: micro-batches of a token budget
     # the budget as rows of max_len (the estimate's unit); halving it is doubling the accumulation
     batch = max(1, cfg.micro_tokens() // cfg.data.max_len) if by_tokens else t.batch_size
     accum, ckpt = t.grad_accum, t.grad_checkpointing
-    room = HEADROOM * available
+    room = HEADROOM * available / ratio  # the live tensors' share of what may be planned
     est = estimate_run(shape, cfg, precision, overhead, batch, ckpt).total
     first, changes = est, []
     if est > room and not ckpt:
@@ -104,11 +124,13 @@ def fit_to_memory(shape: ModelShape, cfg: Any, precision: str, overhead: float, 
         longest = estimate_run(shape, cfg, precision, overhead, 1, True, device_memory=room).max_seq or 0
         hint = (f"data.max_len {longest} would fit (with batch 1 and checkpointing); lower it, use --quantize nf4"
                 if longest >= 16 else "the weights and the framework alone take about that: use --quantize nf4")
+        rss = f" (about {_gib(est * ratio)} resident)" if ratio != 1.0 else ""
         raise LorakitError(
-            f"this run needs about {_gib(est)} even with a micro-batch of 1 row of {cfg.data.max_len} tokens and "
+            f"this run needs about {_gib(est)}{rss} even with a micro-batch of 1 row of {cfg.data.max_len} tokens and "
             f"gradient checkpointing, and {_gib(available)} is available ({int(HEADROOM * 100)}% of it may be "
             f"planned); {hint} or free memory (${MEMORY_ENV} overrides what the system reports)")
-    return MemoryFit(t.batch_size if by_tokens else batch, accum, ckpt, est, changes)  # a budget leaves batch_size unused
+    # a budget leaves batch_size unused
+    return MemoryFit(t.batch_size if by_tokens else batch, accum, ckpt, est, changes, ratio)
 
 
 def apply_fit(cfg: Any, fit: MemoryFit) -> Any:
