@@ -12,7 +12,7 @@ from lorakit import LorakitError
 from lorakit.cli import main
 from lorakit.config import DataConfig, load_yaml
 from lorakit.planning.estimate import shape_from_config
-from lorakit.planning.recommend import DataProfile, recommend
+from lorakit.planning.recommend import DataProfile, format_recommendation, recommend
 
 SMOL = shape_from_config(LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                                      num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True))
@@ -120,6 +120,18 @@ def test_qlora_and_checkpointing_are_chosen_only_when_needed():
     assert "4-bit NF4" in reasons["model.quantize"]
     with pytest.raises(LorakitError, match="even QLoRA"):
         recommend(_profile(), SMOL, "smollm2-135m", data, 50 * 2**20)
+
+
+def test_on_cpu_the_batch_is_planned_at_the_resident_peak_as_train_plans_it():
+    from lorakit.planning.fit import rss_ratio
+
+    data, ratio, memory = DataConfig(path="train.jsonl"), rss_ratio("cpu", "bf16"), 3 * 2**30
+    plain = recommend(_profile(), SMOL, "smollm2-135m", data, memory, dtype="bf16")
+    cpu = recommend(_profile(), SMOL, "smollm2-135m", data, memory, dtype="bf16", rss_ratio=ratio)
+    # batch 8 fits 3 GiB by its live tensors, not with the allocator's share on top: 4 × 4
+    assert (plain.config["train"]["batch_size"], cpu.config["train"]["batch_size"]) == (8, 4)
+    assert cpu.config["train"]["grad_accum"] == 4 and cpu.estimate.total * ratio <= memory < plain.estimate.total * ratio
+    assert "resident" in format_recommendation(cpu, _profile()) and "resident" not in format_recommendation(plain, _profile())
 
 
 def test_full_fine_tuning_is_proposed_for_large_data_when_it_fits():

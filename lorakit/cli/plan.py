@@ -176,6 +176,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     from ..base import load_model_config, load_tokenizer
     from ..config import DataConfig, dump_yaml
     from ..planning.estimate import parse_size, shape_from_config
+    from ..planning.fit import rss_ratio
     from ..planning.recommend import default_memory, format_recommendation, profile_data, recommend
 
     config_path, run_dir = _recommend_paths(args)
@@ -184,9 +185,11 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     model_cfg = load_model_config(args.model)
     shape = shape_from_config(model_cfg)
     profile = profile_data(data, load_tokenizer(args.model), args.sample)
+    kind = device_kind("auto")
+    dtype = _auto_dtype(kind)
     rec = recommend(profile, shape, args.model, data, memory, source,
-                    getattr(model_cfg, "max_position_embeddings", None), run_dir,
-                    dtype=_auto_dtype(device_kind("auto")))
+                    getattr(model_cfg, "max_position_embeddings", None), run_dir, dtype=dtype,
+                    rss_ratio=rss_ratio(kind, dtype))  # planned as train plans on this machine
     cfg = rec.run_config()  # the YAML must load as it is written
     out = Path(config_path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -98,6 +98,7 @@ class Recommendation:
     config: dict[str, dict[str, Any]]  # nested sections, ready for run_config_from_dict / YAML
     reasons: list[tuple[str, str, str]] = field(default_factory=list)  # (key, value, why)
     estimate: Estimate | None = None
+    rss_ratio: float = 1.0  # the expected resident peak over the estimate it was planned with
 
     def run_config(self) -> RunConfig:
         return run_config_from_dict(self.config)
@@ -157,15 +158,17 @@ def _length_rules(profile: DataProfile, max_positions: int | None, why: _Reasons
 
 
 def _memory_rules(profile: DataProfile, shape: ModelShape, lora: dict[str, Any], max_len: int, device_memory: float,
-                  memory_source: str, dtype: str, why: _Reasons) -> tuple[str, bool, int, Estimate]:
+                  memory_source: str, dtype: str, why: _Reasons, rss_ratio: float = 1.0) -> tuple[str, bool, int, Estimate]:
     """The first setting that fits (with data of FULL_MIN_EXAMPLES or more: full fine-tuning, +
     checkpointing; then LoRA, + checkpointing, QLoRA, + checkpointing), then the largest
-    power-of-two batch: (method, checkpointing, batch, the estimate at that batch)."""
+    power-of-two batch: (method, checkpointing, batch, the estimate at that batch). A setting fits
+    when its estimate times ``rss_ratio`` (the expected resident peak over the estimate on CPU,
+    lorakit.planning.fit.rss_ratio, as ``train`` plans) is within ``device_memory``."""
     targets = lora["target_modules"] if isinstance(lora["target_modules"], list) else "all-linear"
 
     def estimate(method: str, ckpt: bool, batch: int) -> Estimate:
         return estimate_memory(shape, method, lora["r"], targets, batch, max_len, ckpt, dtype, "adamw",
-                               label_fraction=profile.label_fraction, device_memory=device_memory,
+                               label_fraction=profile.label_fraction, device_memory=device_memory / rss_ratio,
                                dropout=lora["dropout"] > 0)
 
     gib, where = 2 ** 30, f" ({memory_source})" if memory_source else ""
@@ -177,7 +180,9 @@ def _memory_rules(profile: DataProfile, shape: ModelShape, lora: dict[str, Any],
             break
     else:
         raise LorakitError(f"even QLoRA with gradient checkpointing at batch 1 × {max_len} tokens needs "
-                           f"{est.total / gib:.2f} GiB, more than {device_memory / gib:.2f} GiB{where}; "
+                           f"{est.total / gib:.2f} GiB" + (f" (~{est.total * rss_ratio / gib:.2f} GiB resident)"
+                                                            if rss_ratio != 1.0 else "")
+                           + f", more than {device_memory / gib:.2f} GiB{where}; "
                            "lower data.max_len or use a device with more memory")
     if method == "full":
         why("train.method", "full", f"{profile.examples:,} examples (≥ {FULL_MIN_EXAMPLES:,}) and every weight with its "
@@ -202,12 +207,14 @@ def _memory_rules(profile: DataProfile, shape: ModelShape, lora: dict[str, Any],
 
 def recommend(profile: DataProfile, shape: ModelShape, model_name: str, data: DataConfig,
               device_memory: float, memory_source: str = "", max_positions: int | None = None,
-              out_dir: str = "runs/recommended", dtype: str = "fp32") -> Recommendation:
-    """Apply the rules to a measured dataset and a model shape; see the module docstring."""
+              out_dir: str = "runs/recommended", dtype: str = "fp32", rss_ratio: float = 1.0) -> Recommendation:
+    """Apply the rules to a measured dataset and a model shape; see the module docstring.
+    ``rss_ratio``: the expected resident peak over the estimate (lorakit.planning.fit.rss_ratio)."""
     why = _Reasons()
     lora = _adapter_rules(profile, shape, why)
     max_len, packing = _length_rules(profile, max_positions, why)
-    method, ckpt, batch, final = _memory_rules(profile, shape, lora, max_len, device_memory, memory_source, dtype, why)
+    method, ckpt, batch, final = _memory_rules(profile, shape, lora, max_len, device_memory, memory_source, dtype, why,
+                                               rss_ratio)
     accum = why("train.grad_accum", max(1, math.ceil(TARGET_BATCH / batch)),
                 f"effective batch {batch} × {max(1, math.ceil(TARGET_BATCH / batch))} ≈ {TARGET_BATCH}")
     epochs = 3 if profile.examples < 1_000 else 2 if profile.examples < 10_000 else 1
@@ -231,7 +238,7 @@ def recommend(profile: DataProfile, shape: ModelShape, model_name: str, data: Da
         "train": {**({"method": "full"} if method == "full" else {}), "lr": lr, "batch_size": batch,
                   "grad_accum": accum, "epochs": epochs, "grad_checkpointing": ckpt, "out_dir": out_dir},
     }
-    return Recommendation(config, reasons, final)
+    return Recommendation(config, reasons, final, rss_ratio)
 
 
 def format_recommendation(rec: Recommendation, profile: DataProfile) -> str:
@@ -243,5 +250,7 @@ def format_recommendation(rec: Recommendation, profile: DataProfile) -> str:
     for key, value, text in rec.reasons:
         lines.append(f"  {key:<{width}}  {value:<14} {text}")
     if rec.estimate is not None:
-        lines.append(f"\nestimated peak memory: {rec.estimate.total / 2**30:.2f} GiB (lorakit estimate for the details)")
+        resident = f" (~{rec.estimate.total * rec.rss_ratio / 2**30:.2f} GiB resident)" if rec.rss_ratio != 1.0 else ""
+        lines.append(f"\nestimated peak memory: {rec.estimate.total / 2**30:.2f} GiB{resident} (lorakit estimate for the "
+                     "details)")
     return "\n".join(lines)
