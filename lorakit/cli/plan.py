@@ -7,10 +7,6 @@ import json
 
 __all__ = ["PLAN_COMMANDS"]
 
-# What the process holds before any model exists (interpreter, torch, transformers): measured RSS
-# after `import lorakit.training.loop` on CPU; on CUDA the context and kernels lorakit loads, typical value.
-OVERHEAD_BYTES = {"cpu": 420 * 2**20, "cuda": 600 * 2**20}
-
 
 def _positive(kind: type):
     def parse(text: str):
@@ -74,41 +70,11 @@ def _estimate_config(args: argparse.Namespace):
     return cfg, optimizer or cfg.train.optimizer
 
 
-def device_kind(device: str) -> str:
-    """cpu or cuda: which framework overhead to count."""
-    if device != "auto":
-        return "cuda" if device.startswith("cuda") else "cpu"
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _auto_dtype(kind: str, quantize: str = "none") -> str:
-    """The precision `lorakit train` would pick (planning for CUDA from any machine assumes bf16)."""
-    if kind == "cuda":
-        return "bf16"
-    import torch
-
-    from ..base import resolve_precision
-
-    return resolve_precision("auto", torch.device("cpu"), quantize)
-
-
-def planned_precision(cfg, kind: str) -> str:
-    from ..config import DTYPE_CHOICES, PRECISIONS
-
-    if cfg.train.precision != "auto":
-        return cfg.train.precision
-    if cfg.model.dtype != "auto":  # the weights' dtype named explicitly: activations follow it
-        return PRECISIONS[DTYPE_CHOICES.index(cfg.model.dtype)]
-    return _auto_dtype(kind, cfg.model.quantize)
-
-
 def _cmd_estimate(args: argparse.Namespace) -> int:
     from ..base import load_model_config
     from ..errors import LorakitError
     from ..planning.estimate import format_estimate, parse_size, shape_from_config
-    from ..planning.fit import estimate_run
+    from ..planning.fit import OVERHEAD_BYTES, device_kind, estimate_run, planned_precision
 
     cfg, optimizer = _estimate_config(args)
     if cfg.model.quantize == "int8":
@@ -176,7 +142,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     from ..base import load_model_config, load_tokenizer
     from ..config import DataConfig, dump_yaml
     from ..planning.estimate import parse_size, shape_from_config
-    from ..planning.fit import rss_ratio
+    from ..planning.fit import auto_precision, device_kind, rss_ratio
     from ..planning.recommend import default_memory, format_recommendation, profile_data, recommend
 
     config_path, run_dir = _recommend_paths(args)
@@ -186,7 +152,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     shape = shape_from_config(model_cfg)
     profile = profile_data(data, load_tokenizer(args.model), args.sample)
     kind = device_kind("auto")
-    dtype = _auto_dtype(kind)
+    dtype = auto_precision(kind)
     rec = recommend(profile, shape, args.model, data, memory, source,
                     getattr(model_cfg, "max_position_embeddings", None), run_dir, dtype=dtype,
                     rss_ratio=rss_ratio(kind, dtype))  # planned as train plans on this machine

@@ -55,8 +55,8 @@ def _fit_memory(cfg, main_rank: bool):
     from ..base import load_model_config
     from ..config import resolve_batch_tokens
     from ..planning.estimate import shape_from_config
-    from ..planning.fit import apply_fit, available_memory, fit_to_memory, rss_ratio
-    from .plan import OVERHEAD_BYTES, device_kind, planned_precision
+    from ..planning.fit import (OVERHEAD_BYTES, apply_fit, available_memory, device_kind, fit_to_memory, planned_precision,
+                                rss_ratio)
 
     cfg, line = resolve_batch_tokens(cfg)
     if line and main_rank:

@@ -25,9 +25,13 @@ from ..errors import LorakitError
 from .estimate import ModelShape, estimate_memory, parse_size
 
 __all__ = ["MemoryFit", "fit_to_memory", "apply_fit", "available_memory", "estimate_method", "estimate_run", "HEADROOM",
-           "MEMORY_ENV", "CPU_RSS_RATIO", "rss_ratio"]
+           "MEMORY_ENV", "CPU_RSS_RATIO", "rss_ratio", "OVERHEAD_BYTES", "device_kind", "auto_precision",
+           "planned_precision"]
 
 HEADROOM = 0.9  # the fraction of the available memory a run may plan to use
+# What the process holds before any model exists (interpreter, torch, transformers): measured RSS
+# after `import lorakit.training.loop` on CPU; on CUDA the context and kernels lorakit loads, typical value.
+OVERHEAD_BYTES = {"cpu": 420 * 2**20, "cuda": 600 * 2**20}
 # Peak RSS over the estimate, measured by `lorakit train` on CPU under mimalloc (SmolLM2-135M, steps of
 # 837 and 4,096 tokens, 2026-12-07; docs/planning.md): fp32 1.04-1.15x, bf16 1.16-1.21x.
 CPU_RSS_RATIO = {"fp32": 1.15, "bf16": 1.21, "fp16": 1.21}
@@ -47,6 +51,37 @@ class MemoryFit:
     def expected_peak(self) -> float:
         """Bytes the process is expected to peak at: the estimate times ``rss_ratio``."""
         return self.estimate * self.rss_ratio
+
+
+def device_kind(device: str) -> str:
+    """cpu or cuda: which framework overhead to count."""
+    if device != "auto":
+        return "cuda" if device.startswith("cuda") else "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def auto_precision(kind: str, quantize: str = "none") -> str:
+    """The precision `lorakit train` would pick (planning for CUDA from any machine assumes bf16)."""
+    if kind == "cuda":
+        return "bf16"
+    import torch
+
+    from ..base import resolve_precision
+
+    return resolve_precision("auto", torch.device("cpu"), quantize)
+
+
+def planned_precision(cfg, kind: str) -> str:
+    """The precision a RunConfig trains in on a device of ``kind``: its own, else what auto picks."""
+    from ..config import DTYPE_CHOICES, PRECISIONS
+
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    if cfg.model.dtype != "auto":  # the weights' dtype named explicitly: activations follow it
+        return PRECISIONS[DTYPE_CHOICES.index(cfg.model.dtype)]
+    return auto_precision(kind, cfg.model.quantize)
 
 
 def rss_ratio(device_kind: str, precision: str) -> float:

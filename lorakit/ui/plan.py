@@ -100,14 +100,18 @@ def recommended_values(model: str, data_path: str) -> tuple[dict[str, str], str]
     from ..base import load_model_config, load_tokenizer
     from ..config import DataConfig
     from ..planning.estimate import shape_from_config
+    from ..planning.fit import auto_precision, device_kind, rss_ratio
     from ..planning.recommend import default_memory, format_recommendation, profile_data, recommend
 
     data = DataConfig(path=data_path)
     memory, source = default_memory()
     model_cfg = load_model_config(model)
     profile = profile_data(data, load_tokenizer(model), 20_000)
+    kind = device_kind("auto")
+    dtype = auto_precision(kind)  # planned as `lorakit recommend` and `train` plan on this machine
     rec = recommend(profile, shape_from_config(model_cfg), model, data, memory, source,
-                    getattr(model_cfg, "max_position_embeddings", None), "runs/recommended")
+                    getattr(model_cfg, "max_position_embeddings", None), "runs/recommended", dtype=dtype,
+                    rss_ratio=rss_ratio(kind, dtype))
     cfg = rec.run_config().to_dict()
     values = {k: cfg[k.split(".")[0]][k.split(".")[1]] for k in FORM_KEYS}
     return {k: v if isinstance(v, bool) else _shown(v) for k, v in values.items()}, format_recommendation(rec, profile)
