@@ -86,12 +86,13 @@ def estimate_text(config: RunConfig) -> str:
     """``lorakit estimate`` for this config, from the model's config alone (no weights loaded)."""
     from ..base import load_model_config
     from ..planning.estimate import format_estimate, shape_from_config
-    from ..planning.fit import estimate_run
+    from ..planning.fit import OVERHEAD_BYTES, device_kind, estimate_run, planned_precision
 
     if config.model.quantize == "int8":
         return "estimate models 4-bit bases (nf4 or fp4); int8 is not estimated yet"
     shape = shape_from_config(load_model_config(config.model.name))
-    est = estimate_run(shape, config, "fp32", 0.0, optimizer="adamw")
+    kind = device_kind(config.model.device)  # the precision and framework overhead `lorakit estimate` counts
+    est = estimate_run(shape, config, planned_precision(config, kind), OVERHEAD_BYTES[kind])
     return format_estimate(est)
 
 
