@@ -74,7 +74,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     from ..base import load_model_config
     from ..errors import LorakitError
     from ..planning.estimate import format_estimate, parse_size, shape_from_config
-    from ..planning.fit import OVERHEAD_BYTES, device_kind, estimate_run, planned_precision
+    from ..planning.fit import device_kind, planned_estimate
 
     cfg, optimizer = _estimate_config(args)
     if cfg.model.quantize == "int8":
@@ -82,8 +82,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     memory = parse_size(args.device_memory) if args.device_memory else None
     kind = device_kind(cfg.model.device)
     shape = shape_from_config(load_model_config(cfg.model.name))
-    est = estimate_run(shape, cfg, planned_precision(cfg, kind), OVERHEAD_BYTES[kind], device_memory=memory,
-                       optimizer=optimizer)
+    est = planned_estimate(shape, cfg, device_memory=memory, optimizer=optimizer)
     if args.json:
         print(json.dumps({"model": cfg.model.name, **est.to_dict()}, indent=2))
         return 0
@@ -142,7 +141,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     from ..base import load_model_config, load_tokenizer
     from ..config import DataConfig, dump_yaml
     from ..planning.estimate import parse_size, shape_from_config
-    from ..planning.fit import auto_precision, device_kind, rss_ratio
+    from ..planning.fit import machine_plan
     from ..planning.recommend import default_memory, format_recommendation, profile_data, recommend
 
     config_path, run_dir = _recommend_paths(args)
@@ -151,11 +150,9 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     model_cfg = load_model_config(args.model)
     shape = shape_from_config(model_cfg)
     profile = profile_data(data, load_tokenizer(args.model), args.sample)
-    kind = device_kind("auto")
-    dtype = auto_precision(kind)
+    dtype, ratio = machine_plan()  # planned as train plans on this machine
     rec = recommend(profile, shape, args.model, data, memory, source,
-                    getattr(model_cfg, "max_position_embeddings", None), run_dir, dtype=dtype,
-                    rss_ratio=rss_ratio(kind, dtype))  # planned as train plans on this machine
+                    getattr(model_cfg, "max_position_embeddings", None), run_dir, dtype=dtype, rss_ratio=ratio)
     cfg = rec.run_config()  # the YAML must load as it is written
     out = Path(config_path)
     out.parent.mkdir(parents=True, exist_ok=True)

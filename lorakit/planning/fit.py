@@ -26,7 +26,7 @@ from .estimate import ModelShape, estimate_memory, parse_size
 
 __all__ = ["MemoryFit", "fit_to_memory", "apply_fit", "available_memory", "estimate_method", "estimate_run", "HEADROOM",
            "MEMORY_ENV", "CPU_RSS_RATIO", "rss_ratio", "OVERHEAD_BYTES", "device_kind", "auto_precision",
-           "planned_precision"]
+           "planned_precision", "planned_estimate", "machine_plan"]
 
 HEADROOM = 0.9  # the fraction of the available memory a run may plan to use
 # What the process holds before any model exists (interpreter, torch, transformers): measured RSS
@@ -121,6 +121,21 @@ def estimate_run(shape: ModelShape, cfg: Any, precision: str, overhead: float, b
                            cfg.train.grad_checkpointing if ckpt is None else ckpt, precision, optimizer,
                            cfg.model.double_quant, overhead_bytes=overhead, device_memory=device_memory,
                            dora=cfg.lora.use_dora, freeze_layers=cfg.train.freeze_layers, dropout=cfg.lora.dropout > 0)
+
+
+def planned_estimate(shape: ModelShape, cfg: Any, device_memory: float | None = None, optimizer: str | None = None):
+    """``estimate_run`` for ``cfg`` on the device it names (``lorakit estimate``, the web UI): the
+    precision it would train in there and that device's framework overhead."""
+    kind = device_kind(cfg.model.device)
+    return estimate_run(shape, cfg, planned_precision(cfg, kind), OVERHEAD_BYTES[kind], device_memory=device_memory,
+                        optimizer=optimizer)
+
+
+def machine_plan() -> tuple[str, float]:
+    """(precision, rss_ratio) a run on this machine is planned with (``recommend``, the web UI)."""
+    kind = device_kind("auto")
+    precision = auto_precision(kind)
+    return precision, rss_ratio(kind, precision)
 
 
 def _gib(x: float) -> str:

@@ -86,14 +86,11 @@ def estimate_text(config: RunConfig) -> str:
     """``lorakit estimate`` for this config, from the model's config alone (no weights loaded)."""
     from ..base import load_model_config
     from ..planning.estimate import format_estimate, shape_from_config
-    from ..planning.fit import OVERHEAD_BYTES, device_kind, estimate_run, planned_precision
+    from ..planning.fit import planned_estimate
 
     if config.model.quantize == "int8":
         return "estimate models 4-bit bases (nf4 or fp4); int8 is not estimated yet"
-    shape = shape_from_config(load_model_config(config.model.name))
-    kind = device_kind(config.model.device)  # the precision and framework overhead `lorakit estimate` counts
-    est = estimate_run(shape, config, planned_precision(config, kind), OVERHEAD_BYTES[kind])
-    return format_estimate(est)
+    return format_estimate(planned_estimate(shape_from_config(load_model_config(config.model.name)), config))
 
 
 def recommended_values(model: str, data_path: str) -> tuple[dict[str, str], str]:
@@ -101,18 +98,17 @@ def recommended_values(model: str, data_path: str) -> tuple[dict[str, str], str]
     from ..base import load_model_config, load_tokenizer
     from ..config import DataConfig
     from ..planning.estimate import shape_from_config
-    from ..planning.fit import auto_precision, device_kind, rss_ratio
+    from ..planning.fit import machine_plan
     from ..planning.recommend import default_memory, format_recommendation, profile_data, recommend
 
     data = DataConfig(path=data_path)
     memory, source = default_memory()
     model_cfg = load_model_config(model)
     profile = profile_data(data, load_tokenizer(model), 20_000)
-    kind = device_kind("auto")
-    dtype = auto_precision(kind)  # planned as `lorakit recommend` and `train` plan on this machine
+    dtype, ratio = machine_plan()  # planned as `lorakit recommend` and `train` plan on this machine
     rec = recommend(profile, shape_from_config(model_cfg), model, data, memory, source,
                     getattr(model_cfg, "max_position_embeddings", None), "runs/recommended", dtype=dtype,
-                    rss_ratio=rss_ratio(kind, dtype))
+                    rss_ratio=ratio)
     cfg = rec.run_config().to_dict()
     values = {k: cfg[k.split(".")[0]][k.split(".")[1]] for k in FORM_KEYS}
     return {k: v if isinstance(v, bool) else _shown(v) for k, v in values.items()}, format_recommendation(rec, profile)
