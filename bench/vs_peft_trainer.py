@@ -6,7 +6,7 @@ Ways to train SmolLM2-135M-Instruct with r=16, α=32, all-linear, lr 2e-4 (cosin
 batch 4, on CPU, for --steps optimizer steps:
 
 - lorakit: `lorakit train` (loss at the answer tokens only, chunked), without packing (4
-  examples per step, padded) and with packing (per-document attention); at its default
+  examples per step, run padding-free in one row) and with packing (per-document attention); at its default
   precision (bf16 autocast and a bf16 base where the CPU multiplies bf16 natively, fp32
   elsewhere) and, packed, forced to fp32;
 - seed recipe: PEFT `get_peft_model` + `Trainer` with `DataCollatorForLanguageModeling(mlm=False)`
@@ -254,7 +254,7 @@ def equal_tokens(paths: dict, sets: str, steps: int, out: Path) -> None:
     precision on this CPU: bf16 where it multiplies bf16 natively, else fp32; 4 examples per step) runs first; lorakit then trains with the peer's mean tokens per step, at its
     default precision, two ways: one packed row of that many tokens per step (examples longer than
     the row are truncated), and unpacked micro-batches of that token budget (train.batch_tokens;
-    nothing truncated, some padding). At dropout 0 and 0.05, each run in its own process."""
+    nothing truncated, run padding-free). At dropout 0 and 0.05, each run in its own process."""
     import torch
 
     from lorakit.base import native_bf16

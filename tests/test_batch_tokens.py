@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lorakit.config import resolve_batch_tokens, run_config_from_dict
-from lorakit.data.packing import padded_rows
+from lorakit.data.packing import padded_rows, rounded_length
 from lorakit.planning.fit import HEADROOM, fit_to_memory
 from lorakit.training.loop import train
 from test_memory_fit import OVERHEAD, SMOL
@@ -25,6 +25,17 @@ def test_padded_groups_stay_within_the_token_budget():
     assert [90] in [[lengths[i] for i in g] for g in groups]
     assert len(groups) < len(lengths)  # short examples share a micro-batch
     assert padded_rows(lengths, 4, 0) == padded_rows(lengths, 4, 0, max_tokens=0)  # off: batch_size groups
+    # run padding-free (as training runs them), a group is one row of its lengths' sum, rounded up,
+    # filled best-fit as packed rows are
+    free = padded_rows(lengths, batch_size=99, seed=0, max_tokens=64, padding_free=True)
+    assert sorted(i for g in free for i in g) == list(range(len(lengths)))
+    assert all(rounded_length(sum(lengths[i] for i in g)) <= 64 or len(g) == 1 for g in free)
+    assert sorted(sorted(lengths[i] for i in g) for g in free) == [[3, 21, 40], [5, 7, 8, 8], [12, 17, 33], [64], [90]]
+    assert len(free) < len(groups)  # no padding: fewer, fuller micro-batches
+    # the rounding counts: a row of 833 tokens is padded to 896, so a budget of 833 holds rows of 832 at most
+    near = [400, 433, 5]
+    assert sorted(sorted(near[i] for i in g) for g in padded_rows(near, 1, 0, 833, padding_free=True)) == [[5, 433], [400]]
+    assert padded_rows(near, 1, 0, 896, padding_free=True) == [[1, 0, 2]]
 
 
 def test_packed_budget_is_rows_and_trains_as_those_rows(tiny_model_dir, tmp_path):
@@ -44,7 +55,7 @@ def test_packed_budget_is_rows_and_trains_as_those_rows(tiny_model_dir, tmp_path
     assert (saved.train.batch_size, saved.train.batch_tokens) == (3, 0)
 
 
-def test_unpacked_budget_forms_micro_batches_by_tokens(tiny_model_dir, tmp_path, monkeypatch):
+def test_unpacked_budget_forms_padding_free_micro_batches_by_tokens(tiny_model_dir, tmp_path, monkeypatch):
     import lorakit.training.loop as loop
 
     cfg = _cfg(tiny_model_dir, _data(tmp_path), tmp_path / "run", batch_tokens=120, grad_accum=2, max_steps=3)
@@ -55,12 +66,13 @@ def test_unpacked_budget_forms_micro_batches_by_tokens(tiny_model_dir, tmp_path,
 
     def spy(item, *a, **k):
         batch = real(item, *a, **k)
-        seen.append(batch.input_ids.numel())
+        seen.append(batch.input_ids.shape)
+        assert batch.attention_mask is None  # one row of several examples, per-document attention
         return batch
     monkeypatch.setattr(loop, "collate", spy)
     res = train(cfg, **QUIET)
     assert res.steps == 3 and len(seen) >= 6
-    assert max(seen) <= 60 and min(seen) > 0
+    assert all(rows == 1 and 0 < n <= 60 for rows, n in seen)
 
 
 def test_memory_fit_keeps_the_token_budget_and_raises_accumulation():

@@ -7,7 +7,7 @@ from conftest import randomize_adapters, tiny_gpt2, tiny_llama
 
 from lorakit import LoraConfig, get_lora_model
 from lorakit.ops.attention import use_packed_attention, packed_positions
-from lorakit.data.packing import collate, collate_packed, pack_rows, padded_length
+from lorakit.data.packing import collate, collate_packed, collate_padded, pack_rows, padded_length, rounded_length
 from lorakit.data.templates import Encoded
 from lorakit.ops.loss import causal_lm_loss_sum, linear_cross_entropy_sum
 
@@ -98,3 +98,29 @@ def test_rows_padded_to_a_few_lengths_change_no_loss():
             losses.append(causal_lm_loss_sum(m.model, b.input_ids, b.labels, b.position_ids)[0])
     torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
     assert collate([0, 2], exs, False, 0, max_len=64).input_ids.shape == (2, 12)  # rows of one example: as long as the longest
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_an_unpacked_group_run_padding_free_trains_as_its_padded_rows(make):
+    # what the training loop runs for packing false: the group in one row, per-document attention
+    m = get_lora_model(make(), LoraConfig(r=4))
+    randomize_adapters(m)
+    exs = _examples([9, 30, 5, 12])
+    free = collate([0, 1, 2, 3], exs, False, 0, max_len=32, padding_free=True)
+    padded = collate_padded([0, 1, 2, 3], exs, 0)
+    assert free.input_ids.shape == (1, rounded_length(56)) == (1, 56) and free.attention_mask is None
+    assert padded.input_ids.numel() == 4 * 30  # 64 of its 120 positions are padding
+    assert (free.n_tokens, free.n_labels) == (padded.n_tokens, padded.n_labels) == (56, 29)
+    params = [p for p in m.parameters() if p.requires_grad]
+    with use_packed_attention(m.model), packed_positions(free.position_ids):
+        s_free, n_free = causal_lm_loss_sum(m.model, free.input_ids, free.labels, free.position_ids)
+        g_free = torch.autograd.grad(s_free, params)
+    s_pad, n_pad = causal_lm_loss_sum(m.model, padded.input_ids, padded.labels, padded.position_ids, padded.attention_mask)
+    g_pad = torch.autograd.grad(s_pad, params)
+    assert n_free == n_pad == 29
+    torch.testing.assert_close(s_free, s_pad, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_free, g_pad):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert collate([0, 1, 2], exs, False, 0, padding_free=True).input_ids.shape == (1, rounded_length(44)) == (1, 48)
+    # the rounding never makes a row longer than the group's rows of max_len (what the memory fit counts)
+    assert collate([1], exs, False, 0, max_len=30, padding_free=True).input_ids.shape == (1, 30)

@@ -48,7 +48,7 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     batch_tokens: int = 0
-    """Tokens per optimizer step instead of rows (0: off). Packed: batch_tokens // max_len rows per step (batch_size and grad_accum are set from it); unpacked: each micro-batch holds as many examples as fit batch_tokens / grad_accum tokens with padding (batch_size is then not used)."""
+    """Tokens per optimizer step instead of rows (0: off). Packed: batch_tokens // max_len rows per step (batch_size and grad_accum are set from it); unpacked: each micro-batch holds as many examples as fit batch_tokens / grad_accum tokens in one padding-free row (batch_size is then not used)."""
     epochs: float = 1.0
     """Passes over the data (ignored when max_steps > 0)."""
     max_steps: int = 0

@@ -3,7 +3,9 @@
 - ``pack``: best-fit decreasing of examples into rows of ``max_len`` tokens. position_ids restart
   at 0 for each example, which is how the packed attention (``lorakit.ops.attention``) keeps
   examples from attending to each other, and labels never cross an example boundary.
-- ``pad``: length-grouped rows of one example each, right-padded, with an attention mask.
+- ``pad``: length-grouped rows of one example each, right-padded, with an attention mask; or, as
+  training runs them (``padding_free``), the same group one example after another in one row, as
+  packed rows are: no padding is computed, and per-document attention keeps the examples apart.
 - ``stream_plan``: the same, a buffer of a stream at a time (data.streaming).
 - ``pairs``: examples 2j and 2j+1 are a preference pair (chosen, rejected); the plan keeps them
   together (one packed row, or consecutive padded rows) so one forward scores both.
@@ -23,8 +25,8 @@ import torch
 
 from .templates import Encoded
 
-__all__ = ["Batch", "pack_rows", "padded_rows", "padded_length", "collate_packed", "collate_padded", "batch_plan",
-           "stream_plan", "collate", "make_batches"]
+__all__ = ["Batch", "pack_rows", "padded_rows", "rounded_length", "padded_length", "collate_packed", "collate_padded",
+           "collate_padding_free", "batch_plan", "stream_plan", "collate", "make_batches"]
 
 
 @dataclass
@@ -65,10 +67,19 @@ def pack_rows(lengths: list[int], max_len: int) -> list[list[int]]:
     return rows
 
 
-def padded_rows(lengths: list[int], batch_size: int, seed: int, max_tokens: int = 0) -> list[list[int]]:
+def padded_rows(lengths: list[int], batch_size: int, seed: int, max_tokens: int = 0,
+                padding_free: bool = False) -> list[list[int]]:
     """Groups of examples of similar length (less padding): ``batch_size`` each, or with
     ``max_tokens`` as many as keep the padded group (rows × its longest) within that many tokens
-    (an example longer than that is a group alone)."""
+    (an example longer than that is a group alone). ``padding_free`` with ``max_tokens``: the groups
+    are run as one row each, so they are filled best-fit, as packed rows are, up to the longest row
+    whose ``rounded_length`` stays within the budget (varlen's 837-token budget: 689 tokens a group
+    grouped by length, 832 best-fit)."""
+    if max_tokens > 0 and padding_free:
+        room = max_tokens
+        while room > 1 and rounded_length(room) > max_tokens:
+            room -= 1
+        return pack_rows(lengths, room)
     rng = random.Random(seed)
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
     if max_tokens <= 0:
@@ -82,9 +93,17 @@ def padded_rows(lengths: list[int], batch_size: int, seed: int, max_tokens: int 
     return groups
 
 
+def rounded_length(T: int) -> int:
+    """``T`` rounded up to a multiple of an eighth of its power of two (8 tokens for 64–127, 64 for
+    512–1,023): one of ~8 lengths per octave (see ``padded_length``)."""
+    if T <= 0:
+        return T
+    step = max(8, 1 << max(0, T.bit_length() - 4))
+    return -(-T // step) * step
+
+
 def padded_length(T: int, max_len: int | None) -> int:
-    """The length a micro-batch whose longest row holds ``T`` tokens is padded to: ``T`` rounded up to
-    a multiple of an eighth of its power of two (8 tokens for 64–127, 64 for 512–1,023), never past
+    """The length a micro-batch whose longest row holds ``T`` tokens is padded to: ``rounded_length(T)``, never past
     ``max(T, max_len)`` — so a packed row of ``max_len`` tokens is nearly always padded to ``max_len``.
     ``max_len`` None: ``T`` itself.
 
@@ -94,8 +113,7 @@ def padded_length(T: int, max_len: int | None) -> int:
     the same length). Padding costs at most 1/8 of a row, on packed rows a few tokens."""
     if not max_len or T <= 0:
         return T
-    step = max(8, 1 << max(0, T.bit_length() - 4))
-    return min(-(-T // step) * step, max(T, max_len))
+    return min(rounded_length(T), max(T, max_len))
 
 
 def collate_packed(rows: list[list[int]], examples: list[Encoded], pad_id: int, max_len: int | None = None) -> Batch:
@@ -145,16 +163,27 @@ def collate_padded(group: list[int], examples: list[Encoded], pad_id: int) -> Ba
     return Batch(ids, labels, pos, mask, int(mask.sum()), n_labels, docs)
 
 
+def collate_padding_free(group: list[int], examples: list[Encoded], pad_id: int, max_len: int | None = None) -> Batch:
+    """A group of examples (an unpacked micro-batch) as one row, one example after another as in a
+    packed row, padded to ``rounded_length`` of their sum (never past the group's rows of
+    ``max_len``, what a memory estimate counts): the same loss as the padded rows of
+    ``collate_padded`` under per-document attention, without computing their padding."""
+    T = sum(len(examples[i].input_ids) for i in group)
+    return collate_packed([group], examples, pad_id, len(group) * max_len if max_len else rounded_length(T))
+
+
 def batch_plan(examples: list[Encoded], max_len: int, batch_size: int, packing: bool, seed: int,
-               max_tokens: int = 0, pairs: bool = False) -> list[list]:
+               max_tokens: int = 0, pairs: bool = False, padding_free: bool = False) -> list[list]:
     """One epoch of micro-batches as example indices, in a seed-determined order: for packing,
     each item is a list of rows (lists of indices); otherwise a list of indices, one per row
-    (``batch_size`` of them, or, with ``max_tokens``, as many as fit that token budget padded).
+    (``batch_size`` of them, or, with ``max_tokens``, as many as fit that token budget padded, or in one
+    row with ``padding_free``).
     ``pairs``: the unit is a pair (2j, 2j+1) of ``max_len`` tokens together (a pair longer than that
     is a row alone); unpacked, ``batch_size`` pairs per micro-batch, each pair as two rows."""
     if pairs:
         units = [Encoded(examples[j].input_ids + examples[j + 1].input_ids, []) for j in range(0, len(examples), 2)]
-        plan = batch_plan(units, max_len, batch_size, packing, seed, max_tokens)  # a pair padded: ~ its two lengths
+        plan = batch_plan(units, max_len, batch_size, packing, seed, max_tokens,  # a pair padded: ~ its two lengths
+                          padding_free=padding_free)
         expand = lambda row: [i for u in row for i in (2 * u, 2 * u + 1)]  # noqa: E731
         return [[expand(row) for row in item] for item in plan] if packing else [expand(item) for item in plan]
     lengths = [len(e.input_ids) for e in examples]
@@ -163,13 +192,13 @@ def batch_plan(examples: list[Encoded], max_len: int, batch_size: int, packing: 
         rows = pack_rows(lengths, max_len)
         rng.shuffle(rows)
         return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-    groups = padded_rows(lengths, batch_size, seed, max_tokens)
+    groups = padded_rows(lengths, batch_size, seed, max_tokens, padding_free)
     rng.shuffle(groups)
     return groups
 
 
 def stream_plan(examples: Iterable[Encoded], max_len: int, batch_size: int, packing: bool, seed: int, buffer: int,
-                max_tokens: int = 0, pairs: bool = False) -> Iterator[tuple[list, list[Encoded]]]:
+                max_tokens: int = 0, pairs: bool = False, padding_free: bool = False) -> Iterator[tuple[list, list[Encoded]]]:
     """A stream's micro-batches: every ``buffer`` examples (pairs kept whole) are planned together
     as one ``batch_plan`` epoch (seed + the buffer's number); yields (item, that buffer). Memory
     holds one buffer."""
@@ -179,15 +208,19 @@ def stream_plan(examples: Iterable[Encoded], max_len: int, batch_size: int, pack
         chunk = list(itertools.islice(it, size))
         if not chunk:
             return
-        for item in batch_plan(chunk, max_len, batch_size, packing, seed + n, max_tokens, pairs):
+        for item in batch_plan(chunk, max_len, batch_size, packing, seed + n, max_tokens, pairs, padding_free):
             yield item, chunk
 
 
-def collate(item: list, examples: list[Encoded], packing: bool, pad_id: int, max_len: int | None = None) -> Batch:
+def collate(item: list, examples: list[Encoded], packing: bool, pad_id: int, max_len: int | None = None,
+            padding_free: bool = False) -> Batch:
     """Tensors for one item of a batch_plan; with ``max_len``, packed rows are padded to ``padded_length``
     (not the rows of single examples: their lengths vary anyway, and there the padding cost ~5% of
-    tokens/s for no less memory — 12 varlen steps at 837 tokens, alternated)."""
-    return collate_packed(item, examples, pad_id, max_len) if packing else collate_padded(item, examples, pad_id)
+    tokens/s for no less memory — 12 varlen steps at 837 tokens, alternated). ``padding_free``: an
+    unpacked group as one row (``collate_padding_free``; it needs per-document attention)."""
+    if packing:
+        return collate_packed(item, examples, pad_id, max_len)
+    return collate_padding_free(item, examples, pad_id, max_len) if padding_free else collate_padded(item, examples, pad_id)
 
 
 def make_batches(examples: list[Encoded], max_len: int, batch_size: int, packing: bool, pad_id: int,

@@ -29,7 +29,7 @@ from ..core.full_tuning import FullTuning
 from ..core.lora_model import LoraModel
 from ..core.sharded import full_tensor
 from ..data.dataset import Prepared, prepare_data
-from ..data.packing import Batch, batch_plan, collate, stream_plan
+from ..data.packing import Batch, collate, stream_plan
 from ..errors import LorakitError
 from ..ops.attention import packed_positions, use_packed_attention
 from ..ops.gated_mlp import gated_mlps, lean_gated_mlps
@@ -44,8 +44,8 @@ from .rank_schedule import PlateauTracker, grow_adapter_rank
 from .runlog import NullLog, RunLog, peak_memory_mb
 from .trackers import open_trackers
 from .mfu import head_flops_per_label, matmul_peak_flops, mfu, train_flops_per_token
-from .setup import (BaseSetup, Optimization, RunPlan, calibrate_base, check_run, data_line, load_base, load_states,
-                    make_adapter, make_optimization, open_run_folder, output_name, restore, with_init_adapter)
+from .setup import (BaseSetup, Optimization, RunPlan, calibrate_base, check_run, data_line, epoch_plan, load_base,
+                    load_states, make_adapter, make_optimization, open_run_folder, output_name, restore, with_init_adapter)
 
 __all__ = ["train", "TrainResult"]
 
@@ -116,8 +116,7 @@ class Run:
             self.lean = (gated_mlps(model), llama_norms(model), activation_checkpointing(model))
         mlps, norms, checkpointing = self.lean
         stack = contextlib.ExitStack()
-        if self.cfg.data.packing:
-            stack.enter_context(use_packed_attention(model))
+        stack.enter_context(use_packed_attention(model))  # unpacked groups run padding-free too (_micro_batches)
         stack.enter_context(lean_gated_mlps(model, mlps, checkpointing))
         stack.enter_context(lean_rms_norms(model, norms, checkpointing))
         return stack
@@ -242,12 +241,12 @@ def _streamed_batches(run: Run) -> Iterator[Batch]:
         n = 0
         for item, chunk in stream_plan(run.prepared.stream(), cfg.data.max_len, t_cfg.batch_size, cfg.data.packing,
                                        t_cfg.seed + epoch, cfg.data.stream_buffer,
-                                       cfg.micro_tokens(run.ctx.world), run.prepared.pairs):
+                                       cfg.micro_tokens(run.ctx.world), run.prepared.pairs, padding_free=True):
             n += 1
             if skip:
                 skip -= 1
                 continue
-            yield collate(item, chunk, cfg.data.packing, pad, cfg.data.max_len)
+            yield collate(item, chunk, cfg.data.packing, pad, cfg.data.max_len, padding_free=True)
         if n == 0:
             raise LorakitError("the data stream has no example with a token to train on (after templating and "
                                "truncation); check data.format / data.columns and data.max_len")
@@ -261,10 +260,9 @@ def _micro_batches(run: Run) -> Iterator[Batch]:
     cfg, t_cfg, per_epoch = run.cfg, run.cfg.train, run.opt.batches_per_epoch
     epoch, i = divmod(run.progress.micro_batches, per_epoch)
     while True:
-        plan = batch_plan(run.prepared.train, cfg.data.max_len, t_cfg.batch_size, cfg.data.packing, t_cfg.seed + epoch,
-                          cfg.micro_tokens(run.ctx.world), pairs=run.prepared.pairs)
-        for item in plan[i:]:
-            yield collate(item, run.prepared.train, cfg.data.packing, run.base.tokenizer.pad_token_id, cfg.data.max_len)
+        for item in epoch_plan(cfg, run.prepared, t_cfg.seed + epoch, run.ctx.world)[i:]:
+            yield collate(item, run.prepared.train, cfg.data.packing, run.base.tokenizer.pad_token_id, cfg.data.max_len,
+                          padding_free=True)
         epoch, i = epoch + 1, 0
 
 

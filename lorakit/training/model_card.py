@@ -61,7 +61,9 @@ def _common_settings(cfg: RunConfig, steps: int, tokens: int, precision: str) ->
         *objective,
         ("learning rate", f"{tr.peak_lr:g} ({tr.schedule}, warm-up {tr.warmup:g})"),
         ("optimizer", tr.optimizer + (f", LoRA+ ratio {tr.lora_plus_ratio:g}" if tr.lora_plus_ratio else "")),
-        ("batch", f"{tr.batch_size} rows × {tr.grad_accum} accumulation" + (", packed" if cfg.data.packing else "")),
+        ("batch", f"{tr.batch_size} packed rows × {tr.grad_accum} accumulation" if cfg.data.packing else
+         f"{f'up to {cfg.micro_tokens():,d} tokens' if cfg.micro_tokens() else f'{tr.batch_size} examples'} × "
+         f"{tr.grad_accum} accumulation, padding-free"),
         ("steps / tokens seen", f"{steps} / {tokens:,d}"), ("max_len", str(cfg.data.max_len)),
         ("precision", precision + (" (auto)" if tr.precision == "auto" else "")), ("seed", str(tr.seed)),
     ]

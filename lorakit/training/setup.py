@@ -267,12 +267,18 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype), scaler
 
 
+def epoch_plan(cfg: RunConfig, prepared: Prepared, seed: int, world: int) -> list[list]:
+    """One epoch of the training set's micro-batches (``lorakit.data.packing.batch_plan``): packed rows,
+    or unpacked groups run padding-free (one row each, per-document attention)."""
+    return batch_plan(prepared.train, cfg.data.max_len, cfg.train.batch_size, cfg.data.packing, seed,
+                      cfg.micro_tokens(world), pairs=prepared.pairs, padding_free=True)
+
+
 def make_optimization(cfg: RunConfig, lm: LoraModel | FullTuning, prepared: Prepared, base: BaseSetup, world: int) -> Optimization:
     """Steps, optimizer, lr schedule and mixed precision, over the adapter's trainable tensors
     as they are now (after a resumed adapter is loaded, after FSDP sharding)."""
     t_cfg = cfg.train
-    per_epoch = len(batch_plan(prepared.train, cfg.data.max_len, t_cfg.batch_size, cfg.data.packing, t_cfg.seed,
-                               cfg.micro_tokens(world), pairs=prepared.pairs))
+    per_epoch = len(epoch_plan(cfg, prepared, t_cfg.seed, world))
     step_micro = t_cfg.grad_accum * world
     total = t_cfg.max_steps or max(1, math.ceil(t_cfg.epochs * per_epoch / step_micro))
     warmup = int(t_cfg.warmup * total) if t_cfg.warmup < 1 else int(t_cfg.warmup)
