@@ -32,6 +32,54 @@ def test_linear_matches_hand_computation(rslora):
     torch.testing.assert_close(layer.delta_weight("default"), s * B @ A)
 
 
+@pytest.mark.parametrize("shape, autocast, bias", [((3, 5, 12), False, False), ((3, 5, 12), True, False),
+                                                   ((5, 12), True, True), ((3, 5, 12), True, True)])
+def test_update_added_into_the_base_output_in_place_with_its_gradients(shape, autocast, bias):
+    # a plain Linear's fresh output takes s·B·A·x in place (no second (tokens × out) tensor) — not
+    # where it is a view (a biased Linear of a 3-D input: autograd would copy it back whole); the
+    # values and gradients are the formula's either way, under bf16 autocast too
+    torch.manual_seed(0)
+    base = nn.Linear(12, 7, bias=bias).to(torch.bfloat16 if autocast else torch.float32)
+    layer = LoraLinear(base)
+    layer.add_adapter("default", r=4, alpha=8)
+    _randomize_B(layer)
+    seen = []
+    real_forward = base.forward
+    base.forward = lambda x: seen.append(real_forward(x)) or seen[-1]
+    x = torch.randn(*shape, dtype=base.weight.dtype, requires_grad=True)
+    A, B = layer.lora_A["default"], layer.lora_B["default"]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = layer(x)
+    in_place = len(shape) == 2 or not bias
+    assert (out.data_ptr() == seen[0].data_ptr()) == in_place and out.dtype == base.weight.dtype
+    grad = torch.randn_like(out)
+    gx, gA, gB = torch.autograd.grad(out, (x, A, B), grad)
+    dt = base.weight.dtype
+    x64, A64, B64, W64 = x.detach().double(), A.detach().double(), B.detach().double(), base.weight.detach().double()
+    want = x64 @ W64.T + (base.bias.double() if bias else 0) + 2 * (x64 @ A64.T @ B64.T)
+    tol = dict(atol=0.05, rtol=0.02) if autocast else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double(), want, **tol)
+    g = grad.double().reshape(-1, 7)
+    torch.testing.assert_close(gB.double(), 2 * g.T @ (x64.reshape(-1, 12) @ A64.T), **tol)
+    torch.testing.assert_close(gA.double(), 2 * (g @ B64).T @ x64.reshape(-1, 12), **tol)
+    torch.testing.assert_close(gx.double(), (g @ W64 + 2 * g @ B64 @ A64).reshape(shape), **tol)
+    assert gA.dtype == gB.dtype == torch.float32
+
+
+def test_a_base_output_a_hook_holds_is_left_as_it_was():
+    torch.manual_seed(0)
+    base = nn.Linear(12, 7)
+    layer = LoraLinear(base)
+    layer.add_adapter("default", r=4, alpha=8)
+    _randomize_B(layer)
+    held = []
+    base.register_forward_hook(lambda mod, inp, out: held.append(out))
+    x = torch.randn(2, 3, 12)
+    out = layer(x)
+    torch.testing.assert_close(held[0], F.linear(x, base.weight, base.bias))  # not the adapted output
+    assert out.data_ptr() != held[0].data_ptr()
+
+
 def test_conv1d_fan_in_fan_out_keeps_peft_layout():
     from transformers.pytorch_utils import Conv1D
 

@@ -335,9 +335,26 @@ class LoraLinear(DoraLinear, LoraLayer):
         if h is None:
             p = dropout_probability(self, name)  # fused: backward keeps a 1-byte mask, not a dropped copy
             h = dropped_linear(x, A, p) if p else F.linear(to_adapter_dtype(x, A), A)  # (..., r)
-        # addmm folds the scaling and the residual add into the B matmul: no extra (N, out) pass.
-        out = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), B.t(), alpha=self.scaling[name])
-        return out.view(result.shape)
+        # addmm folds the scaling and the residual add into the B matmul: no extra (N, out) pass; and
+        # into result itself where it is a plain Linear's fresh output, which no backward keeps.
+        if self._owns_output(result) and result.dim() in (2, 3):
+            # in-place ops are not autocast ops: the factors are cast here, as autocast would; and on
+            # result itself, not a 2-D view of it (autograd would copy the whole output back in backward)
+            Bt = B.t().to(result.dtype)
+            h = h.to(result.dtype)
+            if result.dim() == 2:
+                return result.addmm_(h, Bt, alpha=self.scaling[name])
+            return result.baddbmm_(h, Bt.expand(result.shape[0], -1, -1), alpha=self.scaling[name])
+        flat = result.reshape(-1, self.out_features)
+        return torch.addmm(flat, h.reshape(-1, h.shape[-1]), B.t(), alpha=self.scaling[name]).view(result.shape)
+
+    def _owns_output(self, result: Tensor) -> bool:
+        """Whether ``result`` may be written in place: an ``nn.Linear``'s own output (its backward keeps
+        the input and the weight, not the output), with no forward hook that could hold it and no DoRA
+        adapter that reads the base output after the LoRA ones are added."""
+        base = self.base_layer
+        return (type(base) is nn.Linear and not base._forward_hooks and not self.lora_magnitude
+                and result._base is None and result.is_contiguous())
 
     def _mixed_forward(self, x: Tensor, result: Tensor) -> Tensor:
         if torch.is_grad_enabled() or self.training or any(n in self.lora_magnitude for n in self.row_adapters):
