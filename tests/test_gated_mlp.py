@@ -84,3 +84,18 @@ def test_under_activation_checkpointing_the_product_is_kept_not_a_recipe():
     with lean_gated_mlps(model):
         assert model.model.layers[0].mlp._lorakit_keep_product is True
     assert "_lorakit_keep_product" not in vars(model.model.layers[0].mlp)
+
+
+def test_backward_computes_silu_once_per_block(monkeypatch):
+    # the product's recipe (for down_proj's adapter) computes silu(gate); silu_mul's backward, which
+    # runs next, takes it instead of computing it again
+    torch.manual_seed(0)
+    lm = get_lora_model(tiny_llama(), LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    lm.model.train()
+    with lean_gated_mlps(lm.model):
+        loss = lm.model(torch.randint(3, 90, (2, 10))).logits.square().mean()
+    calls = []
+    real = gated_mlp.F.silu
+    monkeypatch.setattr(gated_mlp.F, "silu", lambda t, *a, **k: calls.append(t.shape) or real(t, *a, **k))
+    loss.backward()
+    assert len(calls) == 2  # one per decoder block (it was two per block)

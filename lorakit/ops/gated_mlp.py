@@ -6,7 +6,8 @@ backward, silu(gate(x)) and up(x) for the product's, and the product itself, whi
 adapter reads for its A gradient. ``silu_mul`` keeps gate(x) and up(x) and recomputes
 silu(gate(x)) in backward (one elementwise pass); and while down_proj runs, a saved-tensor hook
 replaces the product it keeps by a recipe (gate(x), up(x), already kept) that recomputes it
-when backward needs it. On SmolLM2-135M each is 6 KB a token and layer in fp32, 180 KB a token
+when backward needs it — and hands the silu(gate(x)) it computed to ``silu_mul``'s backward, which
+runs next, so backward computes SiLU once per block (15–18 ms of a 1,024-token demo step). On SmolLM2-135M each is 6 KB a token and layer in fp32, 180 KB a token
 of the ~1.3 MB a training step kept. Same outputs and gradients (the same ops in the same order).
 Under activation checkpointing the recipe is left out (it would keep gate(x) and up(x) alive
 past the checkpoint).
@@ -40,7 +41,9 @@ class _SiluMul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
         if ctx.needs_input_grad[1]:
-            grad_up = grad * F.silu(gate)
+            # silu(gate) as the product's recipe computed it just before, when it did (_product_recomputed)
+            silu, ctx.silu = getattr(ctx, "silu", None), None
+            grad_up = grad * (silu if silu is not None else F.silu(gate))
         return grad_gate, grad_up
 
 
@@ -61,10 +64,17 @@ def _product_recomputed(product: Tensor, gate: Tensor, up: Tensor) -> Iterator[N
     view of it) is kept as a recipe over gate and up instead."""
     # not the tensor itself: autograd keeps the hooks with what they packed
     storage, device, dtype = product.untyped_storage().data_ptr(), product.device, product.dtype
+    node = product.grad_fn  # silu_mul's backward, which runs right after down_proj's: it reuses silu(gate)
+
+    def recompute() -> Tensor:
+        silu = F.silu(gate)
+        if type(node).__name__ == "_SiluMulBackward":
+            node.silu = silu
+        return silu * up
 
     def pack(t: Tensor):
         if t.device == device and t.dtype == dtype and t.untyped_storage().data_ptr() == storage:
-            return Recipe(lambda: F.silu(gate) * up, t)
+            return Recipe(recompute, t)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
