@@ -28,14 +28,16 @@ from .recompute import Recipe, activation_checkpointing, unpack
 __all__ = ["rms_norm", "llama_norms", "lean_rms_norms"]
 
 
-def _scaled(x: Tensor, weight: Tensor, rstd: Tensor) -> Tensor:
-    """weight · (x·rstd), in transformers' order and dtypes: the forward's output, and its recipe's."""
-    return weight * (x.to(torch.float32) * rstd).to(x.dtype)
+def _scaled(x: Tensor, weight: Tensor, rstd: Tensor, x32: Tensor | None = None) -> Tensor:
+    """weight · (x·rstd), in transformers' order and dtypes: the forward's output, and its recipe's
+    (``x32``: x in fp32 when the caller has it)."""
+    return weight * ((x.to(torch.float32) if x32 is None else x32) * rstd).to(x.dtype)
 
 
 def _forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    rstd = torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + eps)
-    return _scaled(x, weight, rstd), rstd
+    x32 = x.to(torch.float32)  # once, as transformers does (a half-precision x: a copy)
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return _scaled(x, weight, rstd, x32), rstd
 
 
 def _needs_graph(x: Tensor, weight: Tensor) -> bool:
