@@ -7,8 +7,9 @@ adapter reads for its A gradient. ``silu_mul`` keeps gate(x) and up(x) and recom
 silu(gate(x)) in backward (one elementwise pass); and while down_proj runs, a saved-tensor hook
 replaces the product it keeps by a recipe (gate(x), up(x), already kept) that recomputes it
 when backward needs it — and hands the silu(gate(x)) it computed to ``silu_mul``'s backward, which
-runs next, so backward computes SiLU once per block (15–18 ms of a 1,024-token demo step). On SmolLM2-135M each is 6 KB a token and layer in fp32, 180 KB a token
-of the ~1.3 MB a training step kept. Same outputs and gradients (the same ops in the same order).
+runs next, so backward computes SiLU once per block (15–18 ms of a 1,024-token demo step). On
+SmolLM2-135M each kept tensor is 6 KB a token and layer in fp32, 180 KB a token of the ~1.3 MB a
+training step kept. Same outputs and gradients (the same ops in the same order).
 Under activation checkpointing the recipe is left out (it would keep gate(x) and up(x) alive
 past the checkpoint).
 """
