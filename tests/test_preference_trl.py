@@ -49,11 +49,14 @@ def _pairs(chosen_ids, chosen_mask, rejected_ids, rejected_mask) -> list[Encoded
     return out
 
 
-def _lorakit_loss(lm, objective, pairs, pad_id, packing):
-    """One micro-batch holding every pair, through the loop's own calls; loss.backward() done."""
+def _lorakit_loss(lm, objective, pairs, pad_id, layout):
+    """One micro-batch holding every pair, through the loop's own calls; loss.backward() done.
+    layout: packed rows, padded rows, or one padding-free row (how the loop runs unpacked groups)."""
+    packing = layout == "packed"
     item = [list(range(len(pairs)))] if packing else list(range(len(pairs)))
-    batch = collate(item, pairs, packing, pad_id)
-    with use_packed_attention(lm.model) if packing else contextlib.nullcontext(), packed_positions(batch.position_ids):
+    batch = collate(item, pairs, packing, pad_id, padding_free=layout == "padding-free")
+    per_document = layout != "padded"
+    with use_packed_attention(lm.model) if per_document else contextlib.nullcontext(), packed_positions(batch.position_ids):
         loss, stats = objective.loss(lm, batch, objective.totals([batch]))
         loss.backward()
     return loss, stats
@@ -64,8 +67,8 @@ def _grads(model) -> dict[str, torch.Tensor]:
             for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
-@pytest.mark.parametrize("packing", [True, False])
-def test_dpo_loss_rewards_and_gradients_equal_trl(tiny_model_dir, tmp_path, packing):
+@pytest.mark.parametrize("layout", ["packed", "padded", "padding-free"])
+def test_dpo_loss_rewards_and_gradients_equal_trl(tiny_model_dir, tmp_path, layout):
     from trl import DPOConfig, DPOTrainer
 
     from conftest import build_tokenizer
@@ -86,7 +89,7 @@ def test_dpo_loss_rewards_and_gradients_equal_trl(tiny_model_dir, tmp_path, pack
     n = len(ROWS)
     mask = batch["completion_mask"]
     pairs = _pairs(batch["input_ids"][:n], mask[:n], batch["input_ids"][n:], mask[n:])
-    loss, stats = _lorakit_loss(lm, Objective("dpo", beta=BETA), pairs, tok.pad_token_id, packing)
+    loss, stats = _lorakit_loss(lm, Objective("dpo", beta=BETA), pairs, tok.pad_token_id, layout)
 
     assert abs(float(loss) - float(trl_loss)) < 1e-5 and abs(float(loss) - 0.6931) > 1e-2  # not the trivial log 2
     assert stats["reward_margin"] / n == pytest.approx(metrics["rewards/margins"], abs=1e-5)
@@ -126,7 +129,7 @@ def test_orpo_loss_and_gradients_equal_trl(tiny_model_dir, tmp_path):
     lm = _lorakit_twin(tiny_model_dir, trainer.model, tmp_path)
     c_mask, r_mask = batch["chosen_labels"] != -100, batch["rejected_labels"] != -100
     pairs = _pairs(batch["chosen_input_ids"], c_mask, batch["rejected_input_ids"], r_mask)
-    loss, stats = _lorakit_loss(lm, Objective("orpo", beta=BETA), pairs, tok.pad_token_id, True)
+    loss, stats = _lorakit_loss(lm, Objective("orpo", beta=BETA), pairs, tok.pad_token_id, "packed")
 
     assert abs(float(loss) - float(trl_loss)) < 1e-5
     assert stats["nll"] / len(ROWS) == pytest.approx(float(answer_nll), abs=1e-5)
