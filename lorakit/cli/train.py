@@ -56,7 +56,7 @@ def _fit_memory(cfg, main_rank: bool):
     from ..config import resolve_batch_tokens
     from ..planning.estimate import shape_from_config
     from ..planning.fit import (OVERHEAD_BYTES, apply_fit, available_memory, device_kind, fit_to_memory, planned_precision,
-                                rss_ratio)
+                                resident_note, rss_ratio)
 
     cfg, line = resolve_batch_tokens(cfg)
     if line and main_rank:
@@ -78,7 +78,7 @@ def _fit_memory(cfg, main_rank: bool):
         t, budget = cfg.train, cfg.micro_tokens()
         micro = f"{budget:,} tokens" if budget else f"{t.batch_size} × {cfg.data.max_len} tokens"
         step = (budget or t.batch_size * cfg.data.max_len) * t.grad_accum
-        process = f" (~{fit.expected_peak / 2**30:.2f} GiB resident)" if fit.rss_ratio != 1.0 else ""
+        process = resident_note(fit.estimate, fit.rss_ratio)
         print(f"memory: {micro} per micro-batch × {t.grad_accum} = up to {step:,} tokens per step; estimated peak "
               f"{fit.estimate / 2**30:.2f} GiB{process} of {available / 2**30:.2f} GiB available; malloc: {_malloc_name()}")
         for change in fit.changes:

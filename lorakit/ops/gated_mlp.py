@@ -69,7 +69,7 @@ def _product_recomputed(product: Tensor, gate: Tensor, up: Tensor) -> Iterator[N
 
     def recompute() -> Tensor:
         silu = F.silu(gate)
-        if type(node).__name__ == "_SiluMulBackward":
+        if type(node) is _SiluMul._backward_cls:
             node.silu = silu
         return silu * up
 

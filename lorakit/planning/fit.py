@@ -26,7 +26,7 @@ from .estimate import ModelShape, estimate_memory, parse_size
 
 __all__ = ["MemoryFit", "fit_to_memory", "apply_fit", "available_memory", "estimate_method", "estimate_run", "HEADROOM",
            "MEMORY_ENV", "CPU_RSS_RATIO", "rss_ratio", "OVERHEAD_BYTES", "device_kind", "auto_precision",
-           "planned_precision", "planned_estimate", "machine_plan"]
+           "planned_precision", "planned_estimate", "machine_plan", "resident_note"]
 
 HEADROOM = 0.9  # the fraction of the available memory a run may plan to use
 # What the process holds before any model exists (interpreter, torch, transformers): measured RSS
@@ -142,6 +142,12 @@ def _gib(x: float) -> str:
     return f"{x / 2**30:.2f} GiB"
 
 
+def resident_note(estimate: float, ratio: float, approx: str = "~") -> str:
+    """" (~X GiB resident)": the resident peak a run planned with ``ratio`` expects, or "" when the
+    ratio is 1 (a GPU: the estimate is the plan)."""
+    return f" ({approx}{_gib(estimate * ratio)} resident)" if ratio != 1.0 else ""
+
+
 def fit_to_memory(shape: ModelShape, cfg: Any, precision: str, overhead: float, available: float,
                   ratio: float = 1.0) -> MemoryFit:
     """The micro-batch, accumulation and checkpointing whose estimated peak times ``ratio`` (the
@@ -174,9 +180,8 @@ def fit_to_memory(shape: ModelShape, cfg: Any, precision: str, overhead: float, 
         longest = estimate_run(shape, cfg, precision, overhead, 1, True, device_memory=room).max_seq or 0
         hint = (f"data.max_len {longest} would fit (with batch 1 and checkpointing); lower it, use --quantize nf4"
                 if longest >= 16 else "the weights and the framework alone take about that: use --quantize nf4")
-        rss = f" (about {_gib(est * ratio)} resident)" if ratio != 1.0 else ""
         raise LorakitError(
-            f"this run needs about {_gib(est)}{rss} even with a micro-batch of 1 row of {cfg.data.max_len} tokens and "
+            f"this run needs about {_gib(est)}{resident_note(est, ratio, 'about ')} even with a micro-batch of 1 row of {cfg.data.max_len} tokens and "
             f"gradient checkpointing, and {_gib(available)} is available ({int(HEADROOM * 100)}% of it may be "
             f"planned); {hint} or free memory (${MEMORY_ENV} overrides what the system reports)")
     # a budget leaves batch_size unused

@@ -20,6 +20,7 @@ from typing import Any
 from ..config import WEIGHT_LR, DataConfig, RunConfig, run_config_from_dict
 from ..errors import LorakitError
 from .estimate import Estimate, ModelShape, estimate_memory
+from .fit import resident_note
 
 __all__ = ["DataProfile", "profile_data", "Recommendation", "recommend", "format_recommendation", "default_memory"]
 
@@ -180,9 +181,7 @@ def _memory_rules(profile: DataProfile, shape: ModelShape, lora: dict[str, Any],
             break
     else:
         raise LorakitError(f"even QLoRA with gradient checkpointing at batch 1 × {max_len} tokens needs "
-                           f"{est.total / gib:.2f} GiB" + (f" (~{est.total * rss_ratio / gib:.2f} GiB resident)"
-                                                            if rss_ratio != 1.0 else "")
-                           + f", more than {device_memory / gib:.2f} GiB{where}; "
+                           f"{est.total / gib:.2f} GiB{resident_note(est.total, rss_ratio)}, more than {device_memory / gib:.2f} GiB{where}; "
                            "lower data.max_len or use a device with more memory")
     if method == "full":
         why("train.method", "full", f"{profile.examples:,} examples (≥ {FULL_MIN_EXAMPLES:,}) and every weight with its "
@@ -250,7 +249,6 @@ def format_recommendation(rec: Recommendation, profile: DataProfile) -> str:
     for key, value, text in rec.reasons:
         lines.append(f"  {key:<{width}}  {value:<14} {text}")
     if rec.estimate is not None:
-        resident = f" (~{rec.estimate.total * rec.rss_ratio / 2**30:.2f} GiB resident)" if rec.rss_ratio != 1.0 else ""
-        lines.append(f"\nestimated peak memory: {rec.estimate.total / 2**30:.2f} GiB{resident} (lorakit estimate for the "
-                     "details)")
+        lines.append(f"\nestimated peak memory: {rec.estimate.total / 2**30:.2f} GiB"
+                     f"{resident_note(rec.estimate.total, rec.rss_ratio)} (lorakit estimate for the details)")
     return "\n".join(lines)
